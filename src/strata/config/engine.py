@@ -1,0 +1,102 @@
+"""Frozen engine configuration. CLI flags are generated from the same fields (vLLM's names).
+
+`EngineArgs` holds what a user typed ("auto" allowed); `EngineArgs.resolve(model_config)` turns it into
+a frozen `EngineConfig` once, before anything is built.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = field(default=None, metadata={"help": "HF model directory, hub id, or .gguf file (default: the embedded SmolLM2-135M-Instruct)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory if not the model's"})
+    load_format: str = field(default="auto", metadata={"help": "auto | safetensors | gguf | dummy (random weights)", "choices": ["auto", "safetensors", "gguf", "dummy"]})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, float32 on CPU)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    max_model_len: int | None = field(default=None, metadata={"help": "context length (default: the model's, capped by the KV pool)"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "fraction of GPU memory for weights + activations + KV cache"})
+    kv_cache_memory: int | None = field(default=None, metadata={"help": "bytes of KV cache (CPU default: 1 GiB; overrides --gpu-memory-utilization on GPU)"})
+    num_gpu_blocks_override: int | None = field(default=None, metadata={"help": "exact number of KV blocks (tests)"})
+    max_num_seqs: int = field(default=256, metadata={"help": "most sequences in one step"})
+    max_num_batched_tokens: int | None = field(default=None, metadata={"help": "token budget per step (default: 8192 on GPU, 2048 on CPU)"})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of shared prompt prefixes"})
+    enable_chunked_prefill: bool = field(default=True, metadata={"help": "split long prompts across steps, mixed with decodes"})
+    scheduling_policy: str = field(default="fcfs", metadata={"help": "fcfs | priority", "choices": ["fcfs", "priority"]})
+    seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
+    enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs"})
+    attention_backend: str = field(default="auto", metadata={"help": "auto | torch | triton"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs (or CPU processes) per layer"})
+    pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline stages"})
+    data_parallel_size: int = field(default=1, metadata={"help": "independent replicas"})
+    enable_expert_parallel: bool = field(default=False, metadata={"help": "place MoE experts whole on EP ranks"})
+    num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: all cores)"})
+    hf_overrides: str | None = field(default=None, metadata={"help": "JSON merged into config.json (e.g. '{\"num_hidden_layers\": 2}')"})
+    served_model_name: str | None = field(default=None, metadata={"help": "name reported by the API"})
+    check_invariants: bool = field(default=False, metadata={"help": "check KV/scheduler invariants every step (tests)"})
+    disable_log_stats: bool = field(default=False, metadata={"help": "no periodic stats lines"})
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        g = parser.add_argument_group("engine")
+        for f in fields(cls):
+            if f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            help_ = f.metadata.get("help", "")
+            if f.type in ("bool", bool):
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+                continue
+            typ = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+            kw: dict[str, Any] = {"default": f.default, "help": help_, "type": typ}
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+            g.add_argument(flag, **kw)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def replace(self, **kw) -> "EngineArgs":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Resolved, frozen. Built by `strata.engine.llm_engine.build_engine_config`."""
+    model_path: str
+    model_format: str  # "hf" | "gguf"
+    load_format: str
+    served_model_name: str
+    device: str  # "cpu" | "cuda" | "cuda:N"
+    dtype: Any  # torch.dtype
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool
+    enable_chunked_prefill: bool
+    scheduling_policy: str
+    seed: int
+    enforce_eager: bool
+    attention_backend: str
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    data_parallel_size: int
+    enable_expert_parallel: bool
+    check_invariants: bool
+    disable_log_stats: bool
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    v = os.environ.get(name)
+    return default if v is None else v.lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,131 @@
+"""Pure-torch reference ops (the "twins" every Triton kernel is checked against). They run on CPU and GPU.
+
+Paged KV-cache layout, shared by every backend:
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    slot = block_id * block_size + offset_in_block; slot -1 means "do not write" (padding).
+    block_tables: [num_seqs, max_blocks_per_seq] int32, padded with 0 (never read past seq_lens).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """key/value: [T, kvh, d]; writes each token's K/V into its slot. Slots < 0 are skipped."""
+    nb, bs, kvh, d = k_cache.shape
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    k_cache.view(nb * bs, kvh, d).index_copy_(0, slot_mapping.long(), key.to(k_cache.dtype))
+    v_cache.view(nb * bs, kvh, d).index_copy_(0, slot_mapping.long(), value.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of one sequence's K or V: [length, kvh, d]."""
+    nb, bs, kvh, d = cache.shape
+    nblk = (length + bs - 1) // bs
+    return cache.index_select(0, block_table[:nblk].long()).reshape(nblk * bs, kvh, d)[:length]
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           max_seq_len: int | None = None) -> torch.Tensor:
+    """One query token per sequence. q: [B, H, d]; seq_lens: [B] (context incl. the query token).
+
+    Returns [B, H, d]. Gathers every sequence's keys padded to the longest and masks the tail.
+    """
+    B, H, d = q.shape
+    nb, bs, kvh, _ = k_cache.shape
+    L = int(max_seq_len if max_seq_len is not None else seq_lens.max())
+    nblk = (L + bs - 1) // bs
+    bt = block_tables[:, :nblk].long()  # [B, nblk]
+    k = k_cache.index_select(0, bt.reshape(-1)).view(B, nblk * bs, kvh, d)[:, :L]  # [B, L, kvh, d]
+    v = v_cache.index_select(0, bt.reshape(-1)).view(B, nblk * bs, kvh, d)[:, :L]
+    g = H // kvh
+    qg = q.view(B, kvh, g, d).to(torch.float32)
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, k.to(torch.float32)) * scale  # [B, kvh, g, L]
+    pos = torch.arange(L, device=q.device)
+    mask = pos[None, :] >= seq_lens[:, None].to(pos.device)  # [B, L]
+    scores.masked_fill_(mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bkgl,blkd->bkgd", p, v.to(torch.float32))
+    return out.reshape(B, H, d).to(q.dtype)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                            seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Varlen causal attention over the paged cache (new tokens already written to it).
+
+    q: [T, H, d], tokens of sequence b are q[query_start_loc[b]:query_start_loc[b+1]].
+    seq_lens[b] = context length after this step; query token i of sequence b sits at position
+    seq_lens[b] - q_len_b + i and sees keys 0..that position (cached prefix included).
+    """
+    T, H, d = q.shape
+    kvh = k_cache.shape[2]
+    out = torch.empty_like(q)
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b in range(len(lens)):
+        s, e, L = qsl[b], qsl[b + 1], lens[b]
+        n = e - s
+        if n == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[b], L)  # [L, kvh, d]
+        v = gather_kv(v_cache, block_tables[b], L)
+        qb = q[s:e].transpose(0, 1)  # [H, n, d]
+        kb = k.transpose(0, 1).to(q.dtype)  # [kvh, L, d]
+        vb = v.transpose(0, 1).to(q.dtype)
+        if kvh != H:
+            kb = kb.repeat_interleave(H // kvh, dim=0)
+            vb = vb.repeat_interleave(H // kvh, dim=0)
+        if n == L:
+            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
+        else:
+            qpos = torch.arange(L - n, L, device=q.device)
+            kpos = torch.arange(L, device=q.device)
+            mask = kpos[None, :] <= qpos[:, None]  # [n, L]
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.to(torch.float32)).to(x.dtype) if x.dtype != torch.float32 else xf * weight
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual <- x + residual; returns (rms_norm(residual), residual)."""
+    r = x + residual
+    return rms_norm(r, weight, eps), r
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2I] (gate | up) -> [T, I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary (rotate halves). q: [T, H*d], k: [T, kvh*d]; cos_sin_cache: [max_pos, d]
+    holding cos of the d/2 frequencies then their sin. Returns new (q, k)."""
+    cs = cos_sin_cache.index_select(0, positions.long())  # [T, d]
+    cos, sin = cs.chunk(2, dim=-1)  # [T, d/2]
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        xs = x.view(T, -1, head_dim)
+        x1, x2 = xs[..., : head_dim // 2], xs[..., head_dim // 2:]
+        xf1, xf2 = x1.to(cos.dtype), x2.to(cos.dtype)
+        o = torch.cat((xf1 * cos - xf2 * sin, xf2 * cos + xf1 * sin), dim=-1)
+        return o.to(x.dtype).view(T, -1)
+
+    return rot(q), rot(k)
