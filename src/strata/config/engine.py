@@ -62,8 +62,9 @@ class EngineArgs:
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
+        defaults = {f.name: f.default for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items()
+                      if k in defaults and not (v is None and defaults[k] is not None)})
 
     def replace(self, **kw) -> "EngineArgs":
         return dataclasses.replace(self, **kw)

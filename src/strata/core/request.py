@@ -58,6 +58,7 @@ class Request:
         # Stable per-running-request index into the runner's persistent device state (None when not running).
         self.slot: int | None = None
         self.stop_reason: int | str | None = None
+        self.generator = None  # torch.Generator of a seeded request (set by the engine)
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
 

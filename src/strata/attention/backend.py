@@ -1,0 +1,80 @@
+"""Attention behind a backend interface. The runner builds one `AttentionMetadata` per step and
+publishes it through the forward context; each `Attention` layer reads it from there.
+
+Token order inside a step: all decode tokens (one per sequence) first, then prefill/extend chunks.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from strata import ops
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64, -1 = don't write
+    num_decode_tokens: int
+    # decode part (first num_decode_tokens tokens)
+    decode_block_tables: torch.Tensor | None  # [Bd, max_blocks] int32
+    decode_seq_lens: torch.Tensor | None  # [Bd] int32, incl. the new token
+    decode_max_seq_len: int
+    # prefill part (remaining tokens)
+    prefill_block_tables: torch.Tensor | None  # [Bp, max_blocks]
+    prefill_query_start_loc: torch.Tensor | None  # [Bp+1], offsets relative to the prefill part
+    prefill_seq_lens: torch.Tensor | None  # [Bp]
+
+
+_ctx: AttentionMetadata | None = None
+
+
+def get_forward_context() -> AttentionMetadata:
+    if _ctx is None:
+        raise RuntimeError("attention called outside a forward context")
+    return _ctx
+
+
+@contextlib.contextmanager
+def forward_context(meta: AttentionMetadata):
+    global _ctx
+    prev, _ctx = _ctx, meta
+    try:
+        yield
+    finally:
+        _ctx = prev
+
+
+class Attention(nn.Module):
+    """Paged attention for one layer. The runner binds `k_cache`/`v_cache` after allocating the pool."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_kv_heads, self.scale = num_heads, head_dim, num_kv_heads, scale
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, H*d], k/v: [T, kvh*d] -> [T, H*d]."""
+        m = get_forward_context()
+        T = q.shape[0]
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        ops.reshape_and_cache(k, v, self.k_cache, self.v_cache, m.slot_mapping)
+        nd = m.num_decode_tokens
+        if nd == T:
+            out = ops.paged_decode_attention(q, self.k_cache, self.v_cache, m.decode_block_tables,
+                                             m.decode_seq_lens, self.scale, m.decode_max_seq_len)
+        elif nd == 0:
+            out = ops.paged_prefill_attention(q, self.k_cache, self.v_cache, m.prefill_block_tables,
+                                              m.prefill_query_start_loc, m.prefill_seq_lens, self.scale)
+        else:
+            out = torch.empty_like(q)
+            out[:nd] = ops.paged_decode_attention(q[:nd], self.k_cache, self.v_cache, m.decode_block_tables,
+                                                  m.decode_seq_lens, self.scale, m.decode_max_seq_len)
+            out[nd:] = ops.paged_prefill_attention(q[nd:], self.k_cache, self.v_cache, m.prefill_block_tables,
+                                                   m.prefill_query_start_loc, m.prefill_seq_lens, self.scale)
+        return out.view(T, self.num_heads * self.head_dim)

@@ -1,0 +1,346 @@
+"""LLMEngine: the synchronous engine core. add_request() validates and enqueues; step() runs one
+scheduler + model step and returns the outputs of requests that changed.
+
+Contract: the engine is single-threaded (the async layer drives it from one thread). Tokenization and
+detokenization happen here, outside the scheduler and runner.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from strata.config.engine import EngineArgs, EngineConfig
+from strata.core.errors import ParameterError, PromptTooLongError
+from strata.core.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from strata.core.request import Request, RequestStatus
+from strata.core.sampling_params import SamplingParams
+from strata.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from strata.kvcache.manager import KVCacheManager
+from strata.models.config import ModelConfig, model_config_from_dict
+from strata.models.loader import ModelSource, load_weights, resolve_model
+from strata.models.registry import model_class
+from strata.runner.memory import plan_memory
+from strata.runner.model_runner import ModelRunner
+from strata.sched.scheduler import Scheduler
+
+log = logging.getLogger("strata")
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    prefix_cache_queries_total: int
+    prefix_cache_hits_total: int
+
+
+class _Child:
+    """Output-side state of one of a request's n samples."""
+
+    def __init__(self, req: Request, detok: IncrementalDetokenizer):
+        self.req = req
+        self.detok = detok
+        self.text = ""  # full output text (stop strings cut)
+        self.sent_text = 0  # characters already reported in deltas
+        self.sent_tokens = 0
+        self.logprobs: list | None = [] if req.params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.reported_finish = False
+
+
+class _Parent:
+    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
+                 arrival: float):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.children: list[_Child] = []
+        self.pending: list[Request] = []  # siblings held back until the first child's prompt is cached
+        self.metrics = RequestMetrics(arrival_time=arrival)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.children) and not self.pending
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, tokenizer: Tokenizer,
+                 runner: ModelRunner):
+        self.config = config
+        self.model_config = model_cfg
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.model_name = config.served_model_name
+        self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   max_model_len=config.max_model_len,
+                                   enable_chunked_prefill=config.enable_chunked_prefill,
+                                   policy=config.scheduling_policy)
+        self.parents: dict[str, _Parent] = {}
+        self.child_parent: dict[str, _Parent] = {}
+        self._seed_counter = itertools.count()
+        self._aborted_outputs: list[RequestOutput] = []
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.eos_token_ids = sorted(set(tokenizer.eos_token_ids) | set(model_cfg.eos_token_id))
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        config, model_cfg, model, tokenizer = build_engine(args)
+        runner = ModelRunner(model, device=torch.device(config.device), dtype=config.dtype,
+                             block_size=config.block_size, seed=config.seed)
+        runner.allocate_kv_cache(config.num_blocks)
+        return cls(config, model_cfg, tokenizer, runner)
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.parents:
+            raise ParameterError("request_id", f"request id {request_id!r} is already in use")
+        text = None
+        if isinstance(prompt, str):
+            text = prompt
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or t < 0 or t >= vocab]
+            if bad:
+                raise ParameterError("prompt", f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if not ids:
+            raise ParameterError("prompt", "the prompt is empty")
+        max_len = self.config.max_model_len
+        if len(ids) >= max_len:
+            raise PromptTooLongError(len(ids), max_len)
+        room = max_len - len(ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ParameterError("max_tokens", f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} "
+                                               f"tokens exceeds max_model_len={max_len}")
+        params = params.clone(eos_token_ids=list(self.eos_token_ids))
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        parent = _Parent(request_id, text, ids, params, arrival)
+        for i in range(params.n):
+            cid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(cid, ids, params, arrival_time=arrival, max_tokens=max_tokens,
+                          parent_id=request_id, index=i)
+            seed = params.seed + i if params.seed is not None else None
+            if seed is not None:
+                req.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
+            parent.children.append(_Child(req, detok))
+            self.child_parent[cid] = parent
+            if i == 0 or not self.config.enable_prefix_caching:
+                self.scheduler.add(req)
+            else:
+                parent.pending.append(req)
+        self.parents[request_id] = parent
+        self.prompt_tokens_total += len(ids) * params.n
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            parent = self.parents.get(rid)
+            if parent is None:
+                continue
+            parent.pending.clear()
+            for c in parent.children:
+                if c.finish_reason is None:
+                    self.scheduler.finish(c.req, RequestStatus.FINISHED_ABORTED)
+                    c.finish_reason = "abort"
+            self._aborted_outputs.append(self._make_output(parent))
+            self._drop(parent)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents) or bool(self._aborted_outputs)
+
+    def get_stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), self.kv.usage, s.num_preemptions,
+                           self.prompt_tokens_total, self.generation_tokens_total,
+                           self.kv.prefix_queries, self.kv.prefix_hits)
+
+    # ---------------------------------------------------------------- the step
+    def step(self) -> list[RequestOutput]:
+        outputs, self._aborted_outputs = self._aborted_outputs, []
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return outputs
+        result = self.runner.execute(plan)
+        sampled = self.scheduler.update(plan, result)
+        self.generation_tokens_total += len(sampled)
+        if self.config.check_invariants:
+            self.scheduler.check_invariants()
+        now = time.monotonic()
+        touched: dict[str, _Parent] = {}
+        for c in plan.chunks:  # release held-back siblings once the shared prompt is cached
+            parent = self.child_parent.get(c.request.request_id)
+            if parent is not None and parent.pending and c.request.num_computed_tokens >= len(parent.prompt_ids) - 1:
+                for r in parent.pending:
+                    self.scheduler.add(r)
+                parent.pending = []
+            if parent is not None and parent.metrics.first_scheduled_time is None:
+                parent.metrics.first_scheduled_time = c.request.first_scheduled_time
+        lp_by_req = {}
+        it = iter(result.logprobs)
+        for c in plan.chunks:
+            if c.sample:
+                lp_by_req[c.request.request_id] = next(it)
+        for req in sampled:
+            parent = self.child_parent.get(req.request_id)
+            if parent is None:
+                continue
+            child = parent.children[req.index]
+            self._process_token(child, req, lp_by_req.get(req.request_id))
+            if parent.metrics.first_token_time is None:
+                parent.metrics.first_token_time = now
+            parent.metrics.last_token_time = now
+            touched[parent.request_id] = parent
+        for parent in touched.values():
+            out = self._make_output(parent)
+            outputs.append(out)
+            if out.finished:
+                self._drop(parent)
+        return outputs
+
+    def _process_token(self, child: _Child, req: Request, lp) -> None:
+        tok = req.output_token_ids[-1]
+        p = req.params
+        delta = child.detok.add([tok])
+        if child.logprobs is not None and lp is not None:
+            chosen, top = lp
+            entry = {tid: Logprob(v) for tid, v in top}
+            entry[tok] = Logprob(chosen)
+            child.logprobs.append(entry)
+        if req.is_finished:
+            child.finish_reason = req.status.value
+        prev = len(child.text)
+        child.text += delta
+        if p.stop:
+            longest = max(len(s) for s in p.stop)
+            start = max(0, prev - longest + 1)
+            hit = None
+            for s in p.stop:
+                i = child.text.find(s, start)
+                if i >= 0 and (hit is None or i < hit[0]):
+                    hit = (i, s)
+            if hit is not None:
+                i, s = hit
+                child.text = child.text[: i + len(s)] if p.include_stop_str_in_output else child.text[:i]
+                req.stop_reason = s
+                if not req.is_finished:
+                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                child.finish_reason = "stop"
+        child.req = req
+
+    def _make_output(self, parent: _Parent) -> RequestOutput:
+        outs = []
+        for c in parent.children:
+            p = c.req.params
+            # While running, hold back text that could still turn out to start a stop string.
+            hold = (max(len(s) for s in p.stop) - 1) if (p.stop and c.finish_reason is None) else 0
+            visible = len(c.text) - hold if hold else len(c.text)
+            visible = max(visible, c.sent_text)
+            toks = c.req.output_token_ids
+            o = CompletionOutput(
+                index=c.req.index, text=c.text[:visible], token_ids=list(toks),
+                logprobs=list(c.logprobs) if c.logprobs is not None else None,
+                finish_reason=c.finish_reason, stop_reason=c.req.stop_reason,
+                text_delta=c.text[c.sent_text:visible], token_ids_delta=list(toks[c.sent_tokens:]),
+                logprobs_delta=c.logprobs[c.sent_tokens:] if c.logprobs is not None else None)
+            c.sent_text, c.sent_tokens = visible, len(toks)
+            if c.finish_reason is not None:
+                c.reported_finish = True
+            outs.append(o)
+        m = parent.metrics
+        m.num_cached_tokens = parent.children[0].req.num_cached_tokens
+        finished = parent.finished
+        if finished:
+            m.finished_time = time.monotonic()
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_ids, outs, finished, m)
+
+    def _drop(self, parent: _Parent) -> None:
+        self.parents.pop(parent.request_id, None)
+        for c in parent.children:
+            self.child_parent.pop(c.req.request_id, None)
+
+
+# -------------------------------------------------------------------- building
+def _pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ParameterError("device", f"device {name!r} asked for but CUDA is not available")
+    return name
+
+
+def _pick_dtype(name: str, device: str, model_cfg: ModelConfig) -> torch.dtype:
+    table = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16, "half": torch.float16}
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if name not in table:
+        raise ParameterError("dtype", f"unknown dtype {name!r} ({', '.join(table)})")
+    return table[name]
+
+
+def build_engine(args: EngineArgs):
+    """Resolve the model, build and load it, then size the KV pool: (config, model config, model, tokenizer)."""
+    overrides = json.loads(args.hf_overrides) if isinstance(args.hf_overrides, str) else args.hf_overrides
+    source: ModelSource = resolve_model(args.model, overrides)
+    model_cfg = model_config_from_dict(source.config)
+    device = _pick_device(args.device)
+    dtype = _pick_dtype(args.dtype, device, model_cfg)
+    if args.num_threads and device == "cpu":
+        torch.set_num_threads(args.num_threads)
+    tokenizer = load_tokenizer(args, source)
+    model = build_model(device, dtype, args.load_format, model_cfg, source)
+    mem = plan_memory(args, model_cfg, device, dtype, model)
+    name = args.served_model_name or (os.path.basename(os.path.normpath(source.path)) if args.model else
+                                      "SmolLM2-135M-Instruct")
+    cfg = EngineConfig(
+        model_path=source.path, model_format=source.format, load_format=args.load_format,
+        served_model_name=name, device=device, dtype=dtype, max_model_len=mem.max_model_len,
+        block_size=args.block_size, num_blocks=mem.num_blocks, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=mem.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
+        scheduling_policy=args.scheduling_policy, seed=args.seed, enforce_eager=args.enforce_eager,
+        attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size, data_parallel_size=args.data_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel, check_invariants=args.check_invariants,
+        disable_log_stats=args.disable_log_stats)
+    return cfg, model_cfg, model, tokenizer
+
+
+def load_tokenizer(args: EngineArgs, source: ModelSource) -> Tokenizer:
+    if args.tokenizer:
+        return Tokenizer.from_pretrained(args.tokenizer)
+    if source.format == "gguf":
+        return Tokenizer.from_gguf(source.path)
+    if any(os.path.isfile(os.path.join(source.path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return Tokenizer.from_pretrained(source.path)
+    # A bare config directory (dummy weights): the embedded SmolLM2 tokenizer, whose ids are valid
+    # for any vocabulary of at least 49152 tokens.
+    from strata.models.embedded import default_model_path
+    return Tokenizer.from_gguf(default_model_path())
+
+
+def build_model(device: str, dtype: torch.dtype, load_format: str, model_cfg: ModelConfig,
+                source: ModelSource) -> torch.nn.Module:
+    cls = model_class(model_cfg.architecture)
+    with torch.device(device):
+        model = cls(model_cfg, dtype)
+    load_weights(model, source, load_format)
+    return model.eval()

@@ -1,0 +1,115 @@
+"""Sampling from logits: greedy, temperature, top-k, top-p, min-p, repetition/presence/frequency
+penalties, min_tokens, per-request seeds and top-N logprobs.
+
+Per-request seed: a seeded request draws its noise from its own generator, one [vocab] draw per token,
+so its output does not depend on what else is in the batch. Unseeded rows share one batched draw.
+Sampling is the exponential-race form of categorical sampling: argmax(p / E), E ~ Exp(1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from strata.core.request import Request
+
+
+@dataclass
+class SamplingBatch:
+    requests: list[Request]  # one per logits row
+
+    def __post_init__(self):
+        ps = [r.params for r in self.requests]
+        self.all_greedy = all(p.greedy for p in ps)
+        self.any_penalty = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in ps)
+        self.any_min_tokens = any(r.num_output_tokens < r.params.min_tokens for r in self.requests)
+        self.max_logprobs = max((p.logprobs for p in ps if p.logprobs is not None), default=None)
+
+
+class Sampler:
+    def __init__(self, seed: int = 0, device: str | torch.device = "cpu"):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch):
+        """logits: [B, V] -> (token ids [B] as a list, logprobs per row or None)."""
+        logits = logits.float()
+        reqs = batch.requests
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs is not None else None
+        if batch.any_min_tokens:
+            logits = logits.clone()
+            for i, r in enumerate(reqs):
+                if r.num_output_tokens < r.params.min_tokens:
+                    banned = list(r.params.stop_token_ids) + ([] if r.params.ignore_eos else list(r.params.eos_token_ids))
+                    if banned:
+                        logits[i, banned] = float("-inf")
+        if batch.any_penalty:
+            logits = self._apply_penalties(logits.clone() if not batch.any_min_tokens else logits, reqs)
+        if batch.all_greedy:
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, reqs)
+        token_list = tokens.tolist()
+        lps = None
+        if raw_logprobs is not None:
+            lps = []
+            chosen = raw_logprobs.gather(1, tokens.view(-1, 1)).view(-1).tolist()
+            top_v, top_i = raw_logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+            for i, r in enumerate(reqs):
+                n = r.params.logprobs
+                lps.append(None if n is None else (chosen[i], list(zip(top_i[i][:n], top_v[i][:n]))))
+        return token_list, lps
+
+    def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        V = logits.shape[1]
+        for i, r in enumerate(reqs):
+            p = r.params
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(r.all_token_ids)), dtype=torch.long, device=logits.device)
+                seen = seen[seen < V]
+                vals = logits[i, seen]
+                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
+                out = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
+                counts = torch.bincount(out, minlength=V)[:V].to(logits.dtype)
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        return logits
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        B, V = logits.shape
+        dev = logits.device
+        temps = torch.tensor([max(r.params.temperature, 1e-5) if not r.params.greedy else 1.0 for r in reqs],
+                             device=dev, dtype=torch.float32)
+        greedy_rows = torch.tensor([r.params.greedy for r in reqs], device=dev)
+        greedy_tokens = logits.argmax(dim=-1)
+        logits = logits / temps[:, None]
+        top_ks = [r.params.top_k for r in reqs]
+        if any(k > 0 for k in top_ks):
+            k = torch.tensor([k if k > 0 else V for k in top_ks], device=dev).clamp(max=V)
+            kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).view(-1, 1))
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        top_ps = [r.params.top_p for r in reqs]
+        if any(p < 1.0 for p in top_ps):
+            p = torch.tensor(top_ps, device=dev, dtype=torch.float32)
+            sp, si = probs.sort(dim=-1, descending=True)
+            cum = sp.cumsum(dim=-1)
+            drop = (cum - sp) > p[:, None]  # keep the smallest set whose mass reaches top_p
+            sp = sp.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(1, si, sp)
+        min_ps = [r.params.min_p for r in reqs]
+        if any(m > 0 for m in min_ps):
+            m = torch.tensor(min_ps, device=dev, dtype=torch.float32)
+            thresh = probs.max(dim=-1, keepdim=True).values * m[:, None]
+            probs = probs.masked_fill(probs < thresh, 0.0)
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), V, device=dev).exponential_(generator=self.generator)
+        for i, r in enumerate(reqs):
+            if r.generator is not None:
+                noise[i] = torch.empty(V, device=dev).exponential_(generator=r.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy_rows, greedy_tokens, sampled)

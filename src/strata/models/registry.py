@@ -1,0 +1,36 @@
+"""Architecture registry: `config.json`'s `architectures` picks the model class."""
+from __future__ import annotations
+
+import importlib
+
+from strata.core.errors import UnsupportedArchitectureError
+
+# architecture -> "module:Class"
+_MODELS = {
+    "LlamaForCausalLM": "strata.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "strata.models.llama:LlamaForCausalLM",
+    "Qwen2ForCausalLM": "strata.models.llama:LlamaForCausalLM",
+    "Qwen3ForCausalLM": "strata.models.llama:LlamaForCausalLM",
+}
+
+
+def register_model(arch: str, target: str) -> None:
+    _MODELS[arch] = target
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def resolve_architecture(cfg: dict) -> str:
+    archs = cfg.get("architectures") or []
+    for a in archs:
+        if a in _MODELS:
+            return a
+    raise UnsupportedArchitectureError(
+        f"unsupported architecture {archs or cfg.get('model_type')!r}; supported: {', '.join(supported_architectures())}")
+
+
+def model_class(arch: str):
+    mod, cls = _MODELS[arch].split(":")
+    return getattr(importlib.import_module(mod), cls)

@@ -1,0 +1,110 @@
+"""Model runner: turns a StepPlan into tensors, runs the model over the paged cache, samples.
+
+Per step (see docs/ARCHITECTURE.md):
+  1. order the chunks decode-first (the attention metadata splits the batch in two parts);
+  2. build input ids, positions and slot mapping for every scheduled token;
+  3. forward under the attention forward context (KV written into the cache inside each layer);
+  4. logits only for the last token of each chunk that samples; sample; return in plan order.
+"""
+from __future__ import annotations
+
+import torch
+
+from strata.attention.backend import AttentionMetadata, forward_context
+from strata.core.plan import ScheduledChunk, StepPlan, StepResult
+from strata.layers.sampler import Sampler, SamplingBatch
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype,
+                 block_size: int, seed: int = 0):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.sampler = Sampler(seed, device)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        layers = self.model.attention_layers
+        self.kv_caches = []
+        for attn in layers:
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache, attn.v_cache = k, v
+            self.kv_caches.append((k, v))
+
+    # ---- input preparation ----
+    def _prepare(self, chunks: list[ScheduledChunk]):
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        for c in chunks:
+            r = c.request
+            end = c.start + c.num_tokens
+            ids.extend(r.tokens(c.start, end))
+            rng = range(c.start, end)
+            pos.extend(rng)
+            bt = r.block_ids
+            slots.extend(bt[p // bs] * bs + p % bs for p in rng)
+        return ids, pos, slots
+
+    def _block_table(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        width = max(len(c.request.block_ids) for c in chunks)
+        rows = [c.request.block_ids + [0] * (width - len(c.request.block_ids)) for c in chunks]
+        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+
+    def build_metadata(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk],
+                       slots: list[int]) -> AttentionMetadata:
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=None, decode_seq_lens=None, decode_max_seq_len=0,
+            prefill_block_tables=None, prefill_query_start_loc=None, prefill_seq_lens=None)
+        if decodes:
+            lens = [c.start + 1 for c in decodes]
+            meta.decode_block_tables = self._block_table(decodes)
+            meta.decode_seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+            meta.decode_max_seq_len = max(lens)
+        if prefills:
+            qsl = [0]
+            for c in prefills:
+                qsl.append(qsl[-1] + c.num_tokens)
+            meta.prefill_block_tables = self._block_table(prefills)
+            meta.prefill_query_start_loc = torch.tensor(qsl, dtype=torch.int32, device=dev)
+            meta.prefill_seq_lens = torch.tensor([c.start + c.num_tokens for c in prefills], dtype=torch.int32, device=dev)
+        return meta
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        decodes = [c for c in plan.chunks if c.num_tokens == 1 and c.start > 0]
+        prefills = [c for c in plan.chunks if not (c.num_tokens == 1 and c.start > 0)]
+        ordered = decodes + prefills
+        ids, pos, slots = self._prepare(ordered)
+        meta = self.build_metadata(decodes, prefills, slots)
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        positions = torch.tensor(pos, dtype=torch.int64, device=self.device)
+        with forward_context(meta):
+            hidden = self.model(input_ids, positions)  # [T, hidden]
+        # Last token of each sampling chunk, in ordered position; then map back to plan order.
+        last, sample_chunks, off = [], [], 0
+        for c in ordered:
+            off += c.num_tokens
+            if c.sample:
+                last.append(off - 1)
+                sample_chunks.append(c)
+        if not sample_chunks:
+            return StepResult()
+        logits = self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])  # [B, V]
+        tokens, lps = self.sampler(logits, SamplingBatch([c.request for c in sample_chunks]))
+        by_req = {id(c): i for i, c in enumerate(sample_chunks)}
+        result = StepResult()
+        for c in plan.chunks:
+            if c.sample:
+                i = by_req[id(c)]
+                result.sampled_token_ids.append(tokens[i])
+                result.logprobs.append(lps[i] if lps is not None else None)
+        return result

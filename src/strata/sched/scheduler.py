@@ -1,0 +1,194 @@
+"""Continuous-batching scheduler (pure Python).
+
+Each step: running requests first (decodes and unfinished prefill chunks), in order, within the token
+budget; when blocks run out, the lowest-priority running request is preempted (blocks freed, recomputed
+later). Then waiting requests are admitted while budget, `max_num_seqs` and blocks allow, each starting
+from its longest cached prefix. A request never needs more blocks than the pool holds (max_model_len is
+capped at config time), so a lone request always fits: no crash, no hang.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from strata.core.plan import ScheduledChunk, StepPlan, StepResult
+from strata.core.request import Request, RequestStatus
+from strata.kvcache.manager import KVCacheManager
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, enable_chunked_prefill: bool = True, policy: str = "fcfs"):
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"unknown scheduling policy {policy!r} (fcfs, priority)")
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.chunked = enable_chunked_prefill
+        self.policy = policy
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self._freed_slots: list[int] = []
+        self.num_preemptions = 0
+
+    # ---- queue management ----
+    def add(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _release_slot(self, req: Request) -> None:
+        if req.slot is not None:
+            self.free_slots.append(req.slot)
+            self._freed_slots.append(req.slot)
+            req.slot = None
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """End a request (stop, length, abort, error): its blocks are freed at once."""
+        if req.is_finished:
+            return
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        req.status = status
+        self.kv.free(req)
+        self._release_slot(req)
+        self.requests.pop(req.request_id, None)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        self._release_slot(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _victim(self) -> Request:
+        if self.policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _next_waiting(self) -> Request:
+        if self.policy == "priority":
+            return min(self.waiting, key=lambda r: (r.priority, r.arrival_time))
+        return self.waiting[0]
+
+    # ---- the step ----
+    def schedule(self) -> StepPlan:
+        plan = StepPlan(freed_slots=self._freed_slots)
+        self._freed_slots = []
+        budget = self.max_num_batched_tokens
+        preempted_now = False
+
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = req.num_tokens - req.num_computed_tokens
+            if n > budget and not self.chunked:
+                continue
+            n = min(n, budget)
+            if n <= 0:
+                continue
+            ok = True
+            while not self.kv.allocate_slots(req, n):
+                victim = self._victim()
+                for j, c in enumerate(plan.chunks):  # (priority policy) victim already scheduled
+                    if c.request is victim:
+                        budget += c.num_tokens
+                        del plan.chunks[j]
+                        break
+                self._preempt(victim)
+                plan.preempted.append(victim.request_id)
+                preempted_now = True
+                if victim is req:
+                    ok = False
+                    break
+            if not ok:
+                continue
+            plan.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n,
+                                              req.num_computed_tokens + n == req.num_tokens))
+            budget -= n
+
+        while self.waiting and budget > 0 and not preempted_now and len(self.running) < self.max_num_seqs:
+            req = self._next_waiting()
+            blocks, n_cached = self.kv.get_computed_blocks(req)
+            n = req.num_tokens - n_cached
+            if n > budget and not self.chunked:
+                break
+            n = min(n, budget)
+            if not self.kv.allocate_slots(req, n, blocks):
+                break
+            self.waiting.remove(req)
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+                req.num_cached_tokens = n_cached
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = n_cached
+            req.slot = self.free_slots.pop()
+            plan.new_slots.append(req.slot)
+            self.running.append(req)
+            plan.chunks.append(ScheduledChunk(req, n_cached, n, n_cached + n == req.num_tokens))
+            budget -= n
+
+        plan.num_batched_tokens = self.max_num_batched_tokens - budget
+        return plan
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
+        """Advance computed tokens, append sampled tokens, finish by eos/stop id/length.
+        Returns the requests that received a token this step (in plan order)."""
+        sampled: list[Request] = []
+        it = iter(result.sampled_token_ids)
+        for c in plan.chunks:
+            req = c.request
+            if req.status != RequestStatus.RUNNING:  # aborted during the step
+                if c.sample:
+                    next(it)
+                continue
+            req.num_computed_tokens += c.num_tokens
+            self.kv.cache_full_blocks(req)
+            if not c.sample:
+                continue
+            tok = next(it)
+            req.output_token_ids.append(tok)
+            sampled.append(req)
+            status = self._check_stop(req, tok)
+            if status is not None:
+                self.finish(req, status)
+        return sampled
+
+    def _check_stop(self, req: Request, tok: int) -> RequestStatus | None:
+        p = req.params
+        n_out = req.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and tok in p.eos_token_ids:
+                req.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if tok in p.stop_token_ids:
+                req.stop_reason = tok
+                return RequestStatus.FINISHED_STOPPED
+        if n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def check_invariants(self) -> None:
+        live = list(self.running)
+        for r in self.waiting:
+            assert not r.block_ids, f"waiting {r} holds blocks"
+            assert r.slot is None
+        self.kv.check_invariants(live)
+        slots = [r.slot for r in self.running]
+        assert None not in slots and len(set(slots)) == len(slots), "slot clash"
+        assert len(self.running) <= self.max_num_seqs
