@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--constants", default=None,
                    help="JSON of model constants (e.g. fitted by benchmarks/plan_vs_measured.py --fit)")
     s.add_argument("--top", type=int, default=None, help="show only the best N layouts (0: all)")
+    s.add_argument("--detail", action="store_true",
+                   help="break the recommended layout down (memory budget, collectives per token, step time); "
+                        "automatic when only one layout is feasible")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     r = p.add_argument_group("fleet sizing (--replicas)")
     r.add_argument("--replicas", action="store_true", help="size replicas per region instead of one layout")
@@ -123,7 +126,7 @@ def _run(args) -> int:
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
-        print(render_plan(plan, top=top))
+        print(render_plan(plan, top=top, detail=args.detail))
     return 0 if plan.best is not None else 1
 
 

@@ -455,10 +455,27 @@ class Timer:
             t += st.moe_layers * self.allgather(msg, tp)
         return t
 
-    def stage_step(self, st: StageWeights, b: float, ctx: float, n_prefill: float, prompt_len: float) -> float:
-        prompts = n_prefill / prompt_len if n_prefill else 0.0
-        return (self.decode_compute(st, b, ctx) + self.prefill_compute(st, n_prefill, prompt_len)
-                + self.stage_comm(st, b + n_prefill, b + prompts) + self.c.step_overhead_s)
+    def prefill_chunk(self, prompt_len: float, prompts: float) -> float:
+        """Tokens in one prefill pass: whole prompts, as many as are waiting, up to the engine's chunk budget."""
+        return min(float(self.c.prefill_chunk_tokens), max(prompt_len, prompts * prompt_len))
+
+    def stage_parts(self, st: StageWeights, b: float, ctx: float, n_prefill: float, prompt_len: float,
+                    chunk: float) -> dict[str, float]:
+        """Time of one decode step of `b` sequences on one stage, plus its share (`n_prefill` tokens) of prefill
+        passes of `chunk` tokens, split into decode compute, prefill compute, communication and overhead."""
+        parts = {"decode": self.decode_compute(st, b, ctx), "prefill": 0.0,
+                 "comm": self.stage_comm(st, b, b), "overhead": self.c.step_overhead_s}
+        if n_prefill > 0:
+            share = n_prefill / chunk
+            parts["prefill"] = share * self.prefill_compute(st, chunk, prompt_len)
+            parts["comm"] += share * self.stage_comm(st, chunk, chunk / prompt_len)
+            parts["overhead"] += share * self.c.step_overhead_s
+        return parts
+
+    def stage_step(self, st: StageWeights, b: float, ctx: float, n_prefill: float, prompt_len: float,
+                   chunk: float | None = None) -> float:
+        chunk = chunk or self.prefill_chunk(prompt_len, 1)
+        return sum(self.stage_parts(st, b, ctx, n_prefill, prompt_len, chunk).values())
 
     def hop_time(self, tokens: float) -> float:
         nbytes = tokens * self.s.arch.hidden * ACT_BYTES * self.c.pp_activation_tensors
@@ -477,11 +494,14 @@ class Timer:
         state of continuous batching; 0 for a sequence alone)."""
         m = max(1, min(self.l.pp, batch))
         b = batch / m
-        ctx = workload.prompt_len + workload.output_len / 2
-        seqs = batch if prefill_seqs is None else prefill_seqs
-        n_pf = max(0.0, seqs) / m * workload.prompt_len / workload.output_len
-        steps = [self.stage_step(st, b, ctx, n_pf, workload.prompt_len) for st in self.stages]
-        return max(sum(steps) + self.hop_time(b + n_pf), m * max(steps)), steps
+        P = workload.prompt_len
+        ctx = P + workload.output_len / 2
+        seqs = batch if prefill_seqs is None else max(0.0, prefill_seqs)
+        n_pf = seqs / m * P / workload.output_len
+        chunk = self.prefill_chunk(P, seqs)
+        steps = [self.stage_step(st, b, ctx, n_pf, P, chunk) for st in self.stages]
+        hops = self.hop_time(b) + (n_pf / chunk * self.hop_time(chunk) if n_pf else 0.0)
+        return max(sum(steps) + hops, m * max(steps)), steps
 
     def tpot(self, batch: int, workload: Workload) -> float:
         """Time per output token of one request among `batch`: its steps carry the other requests' prefills."""
@@ -511,7 +531,8 @@ class Estimate:
     request_latency_s: float  # ttft + output_len * tpot
     comm_fraction: float  # share of a loaded decode step spent in collectives and hops
     bound: str  # "memory" | "compute": the decode part of a loaded step on the slowest stage
-    step_breakdown: dict = field(default_factory=dict)  # shares of a loaded step: decode, prefill, comm, overhead
+    step_breakdown: dict = field(default_factory=dict)  # shares of TPOT on the slowest stage: decode, prefill
+    # (of the other requests in flight), comm, overhead
     memory_detail: Memory = field(repr=False, default=None)
 
     def to_dict(self) -> dict:
@@ -560,13 +581,12 @@ def estimate(setup: Setup, layout: Layout, workload: Workload, *, batch: int | N
     slow = max(range(len(stages)), key=lambda i: steps[i])
     st = stages[slow]
     ctx = workload.prompt_len + workload.output_len / 2
-    n_pf = b * workload.prompt_len / workload.output_len
-    parts = {
-        "decode": timer.decode_compute(st, b, ctx),
-        "prefill": timer.prefill_compute(st, n_pf, workload.prompt_len),
-        "comm": timer.stage_comm(st, b + n_pf, b + n_pf / workload.prompt_len) + timer.hop_time(b + n_pf) / m,
-        "overhead": setup.constants.step_overhead_s,
-    }
+    P = workload.prompt_len
+    seqs = max(0, B - 1)  # the other requests in flight, whose prefill shares this request's steps (TPOT basis)
+    n_pf = seqs / m * P / workload.output_len
+    chunk = timer.prefill_chunk(P, seqs)
+    parts = timer.stage_parts(st, b, ctx, n_pf, P, chunk)
+    parts["comm"] += (timer.hop_time(b) + (n_pf / chunk * timer.hop_time(chunk) if n_pf else 0.0)) / m
     total = sum(parts.values()) or 1e-12
     breakdown = {k: v / total for k, v in parts.items()}
     a = setup.arch

@@ -116,10 +116,11 @@ def explain(best: Estimate, ranked: list[Estimate], objective: str, workload: Wo
     runner = next((e for e in ranked[1:] if (e.layout, e.gpu) != (best.layout, best.gpu)), None)
     br = best.step_breakdown
     seqs = "sequence" if best.batch_per_replica == 1 else "sequences"
-    shape = (f"{best.batch_per_replica} {seqs} per replica; a step is {br.get('decode', 0):.0%} decode "
-             f"({best.bound}-bound), {br.get('prefill', 0):.0%} prefill, {br.get('comm', 0):.0%} communication")
+    shape = (f"{best.batch_per_replica} {seqs} per replica; a token's time is {br.get('decode', 0):.0%} decode "
+             f"({best.bound}-bound), {br.get('prefill', 0):.0%} other requests' prefill, "
+             f"{br.get('comm', 0):.0%} communication")
     if objective == "latency":
-        head = (f"lowest request latency {best.request_latency_s * 1e3:.0f} ms (TTFT {best.ttft_s * 1e3:.0f} ms + "
+        head = (f"lowest request latency {_dur(best.request_latency_s)} (TTFT {best.ttft_s * 1e3:.0f} ms + "
                 f"{workload.output_len} x {best.tpot_s * 1e3:.2f} ms)")
         if runner:
             head += f"; next best {_name(runner, best)} takes {_pct(runner.request_latency_s, best.request_latency_s)} longer"
@@ -137,7 +138,14 @@ def explain(best: Estimate, ranked: list[Estimate], objective: str, workload: Wo
 
 
 def _pct(worse: float, better: float) -> str:
-    return f"{(worse / better - 1) * 100:.0f}%" if better > 0 else "n/a"
+    if better <= 0:
+        return "n/a"
+    x = (worse / better - 1) * 100
+    return f"{x:.1f}%" if x < 10 else f"{x:.0f}%"
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds >= 10 else f"{seconds * 1e3:.0f} ms"
 
 
 def _name(e: Estimate, best: Estimate) -> str:

@@ -39,7 +39,7 @@ def _ms(x: float) -> str:
     return f"{x * 1e3:.1f}" if x < 1 else f"{x * 1e3:,.0f}"
 
 
-def render_plan(plan: Plan, top: int | None = None) -> str:
+def render_plan(plan: Plan, top: int | None = None, detail: bool = False) -> str:
     s0 = plan.setups[0]
     w = plan.workload
     multi = len(plan.setups) > 1
@@ -81,6 +81,9 @@ def render_plan(plan: Plan, top: int | None = None) -> str:
         for i in plan.infeasible:
             prefix = f"{i.gpu} " if multi else ""
             out.append(f"  {prefix}{i.layout.label.ljust(width)}  {i.reason}")
+    if plan.best is not None and (detail or len(plan.feasible) == 1):
+        out.append("")
+        out += render_detail(plan.best, plan)
     out.append("")
     if plan.best is not None:
         where = f" on {plan.best.gpu}" if multi else ""
@@ -88,6 +91,40 @@ def render_plan(plan: Plan, top: int | None = None) -> str:
     else:
         out.append(f"recommendation ({plan.objective}): none; {plan.why}")
     return "\n".join(out)
+
+
+def render_detail(e: Estimate, plan: Plan) -> list[str]:
+    """Everything behind one layout's row: memory budget, collectives per token, where a step's time goes."""
+    m, c, w, lay = e.memory_detail, e.comm, plan.workload, e.layout
+    a = plan.arch
+    seq = w.prompt_len + w.output_len
+    stages = ", ".join(fmt_bytes(x) for x in m.weights_by_stage) if lay.pp > 1 else fmt_bytes(m.weights)
+    cap = " (capped by --max-num-seqs)" if e.max_batch == w.max_num_seqs else ""
+    out = [f"detail: {lay.label} on {e.gpu}",
+           f"  memory per GPU  weights {stages}; activations {fmt_bytes(m.activations)}; runtime "
+           f"{fmt_bytes(m.reserve)}; KV cache {fmt_bytes(m.kv_free)} (budget {fmt_bytes(m.budget)})",
+           f"                  -> {e.kv_tokens:,} KV tokens per replica = {e.max_batch} sequences of {seq} tokens{cap}"]
+    msg = a.hidden * 2
+    if lay.tp > 1:
+        out.append(f"  per token, TP   {c.tp_allreduce_calls} all-reduces x {fmt_bytes(msg)} = "
+                   f"{fmt_bytes(c.tp_allreduce_bytes)} payload; each GPU sends {fmt_bytes(c.tp_allreduce_wire_per_gpu)}"
+                   f" (ring, 2(p-1)/p); logits gather {fmt_bytes(c.tp_logits_gather_bytes)}"
+                   + (f"; expert outputs all-gather {fmt_bytes(c.tp_allgather_bytes)}" if c.tp_allgather_bytes else ""))
+    if lay.pp > 1:
+        out.append(f"  per token, PP   {c.pp_hops} hops x {fmt_bytes(c.pp_bytes / c.pp_hops)} = {fmt_bytes(c.pp_bytes)}")
+    if lay.ep > 1:
+        out.append(f"  per token, EP   {c.ep_alltoall_calls} all-to-alls (dispatch + combine), "
+                   f"{fmt_bytes(c.ep_alltoall_bytes)} leave their GPU")
+    if lay.tp == 1 and lay.pp == 1 and lay.ep == 1:
+        out.append("  per token       no collectives (each replica is one GPU)")
+    br = e.step_breakdown
+    out.append(f"  one token       decode {br.get('decode', 0):.0%} ({e.bound}-bound), other requests' prefill "
+               f"{br.get('prefill', 0):.0%}, communication {br.get('comm', 0):.0%}, overhead {br.get('overhead', 0):.0%}")
+    seqs = "sequence" if e.batch_per_replica == 1 else "sequences"
+    out.append(f"  time            TTFT {_ms(e.ttft_s)} ms; TPOT {_ms(e.tpot_s)} ms with {e.batch_per_replica} {seqs} "
+               f"per replica, {_ms(e.tpot_batch1_s)} ms alone; {e.output_tok_s:,.0f} output tok/s; request "
+               f"{e.request_latency_s:.2f} s")
+    return out
 
 
 def render_fleet(fleet: Fleet, gpus: list[GPU], dtype: str, kv_dtype: str, top: int | None = 10) -> str:
