@@ -1,0 +1,202 @@
+"""Paged decode attention: one query token per sequence, GQA-aware, optional split-KV.
+
+Stage 1: one program per (sequence, kv head, context partition). It holds all G = H / kvh query heads of
+that kv head as the rows of one [G_P2, d] tile (G_P2 >= 16, the smallest tl.dot tile), so every K/V byte is
+read from memory once per step. The context is walked in tiles of TILE tokens whose slots are looked up in
+the page table token by token (any block_size works; each token's d-vector is one contiguous run of bytes).
+Softmax is online (base 2), accumulation in fp32.
+
+Without split (one partition per sequence) stage 1 writes the output. With split, it writes the normalised
+partial output and its log-sum-exp per partition ([B, H, S, d] fp32, [B, H, S]), and stage 2 merges them.
+Split-KV is what keeps enough programs in flight when B * kvh is small next to the number of SMs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from strata.ops.triton_kernels._utils import dot_precision, interpreting, mm, next_pow2, num_sms
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_stage1_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    qk_scale,                                   # softmax scale * log2(e)
+    partition,                                  # tokens per split (runtime: it follows the context length)
+    s_qb, s_qh, s_ob, s_oh,                     # q / out: [B, H, d], last dim contiguous
+    s_cb, s_cs, s_ch,                           # caches: [num_blocks, block_size, kvh, d], same strides
+    s_btb,                                      # block_tables row stride
+    s_pb, s_ph, s_ps,                           # part_o: [B, H, S, d]
+    s_lb, s_lh,                                 # part_lse: [B, H, S]
+    G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    kh = tl.program_id(1)
+    sp = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    if SPLIT:
+        start = sp * partition
+        if start >= seq_len:
+            return  # stage 2 only reads the partitions that hold tokens
+        end = tl.minimum(seq_len, start + partition)
+    else:
+        start = 0
+        end = seq_len
+
+    g = tl.arange(0, G_P2)
+    d = tl.arange(0, D_P2)
+    h = kh * G + g
+    gmask = g < G
+    if D == D_P2:
+        qmask = gmask[:, None]
+    else:
+        qmask = gmask[:, None] & (d[None, :] < D)
+    q = tl.load(q_ptr + b * s_qb + h[:, None] * s_qh + d[None, :], mask=qmask, other=0.0)  # [G_P2, D_P2]
+
+    m_i = tl.full([G_P2], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_P2], tl.float32)
+    acc = tl.zeros([G_P2, D_P2], tl.float32)
+    bt_row = bt_ptr + b * s_btb
+    head_off = kh.to(tl.int64) * s_ch
+    for t0 in range(start, end, TILE):
+        offs = t0 + tl.arange(0, TILE)
+        tmask = offs < end
+        page = tl.load(bt_row + offs // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+        row = page * s_cb + (offs % BLOCK_SIZE).to(tl.int64) * s_cs + head_off  # [TILE]
+        ptrs = row[:, None] + d[None, :]
+        if D == D_P2:
+            lmask = tmask[:, None]
+        else:
+            lmask = tmask[:, None] & (d[None, :] < D)
+        k = tl.load(k_cache_ptr + ptrs, mask=lmask, other=0.0)  # [TILE, D_P2]
+        v = tl.load(v_cache_ptr + ptrs, mask=lmask, other=0.0)
+        s = mm(q, tl.trans(k.to(q.dtype)), DOT_PREC, INTERP) * qk_scale  # [G_P2, TILE]
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + mm(p.to(q.dtype), v.to(q.dtype), DOT_PREC, INTERP)
+        m_i = m_new
+
+    # l_i == 0 only for an empty sequence (non-split path): write zeros, never NaN.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if SPLIT:
+        tl.store(part_o_ptr + b * s_pb + h[:, None] * s_ph + sp * s_ps + d[None, :], o, mask=qmask)
+        tl.store(part_lse_ptr + b * s_lb + h * s_lh + sp, m_i + tl.log2(l_safe), mask=gmask)
+    else:
+        tl.store(out_ptr + b * s_ob + h[:, None] * s_oh + d[None, :], o.to(out_ptr.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _decode_stage2_kernel(
+    part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, partition,
+    s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
+    S_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    n = tl.cdiv(seq_len, partition)
+    s = tl.arange(0, S_P2)
+    d = tl.arange(0, D_P2)
+    smask = s < n
+    lse = tl.load(part_lse_ptr + b * s_lb + h * s_lh + s, mask=smask, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(n > 0, mx, 0.0)
+    w = tl.where(smask, tl.exp2(lse - mx), 0.0)  # [S_P2]
+    o = tl.load(part_o_ptr + b * s_pb + h * s_ph + s[:, None] * s_ps + d[None, :],
+                mask=smask[:, None] & (d[None, :] < D), other=0.0)
+    den = tl.sum(w, axis=0)
+    den = tl.where(den > 0.0, den, 1.0)
+    res = tl.sum(w[:, None] * o, axis=0) / den
+    tl.store(out_ptr + b * s_ob + h * s_oh + d, res.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def choose_partition(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
+                     tile: int = 64) -> int:
+    """Tokens per split-KV partition, 0 for no split.
+
+    Split when B * kvh programs alone would leave the GPU short of programs in flight (fewer than ~8 per SM),
+    into as many partitions as close that gap, never shorter than 256 tokens.
+    """
+    base = batch * num_kv_heads
+    target = 8 * num_sms(device)
+    if base >= target or max_seq_len <= 256:
+        return 0
+    splits = min(triton.cdiv(target, base), triton.cdiv(max_seq_len, 256))
+    if splits <= 1:
+        return 0
+    return triton.cdiv(triton.cdiv(max_seq_len, splits), tile) * tile
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           max_seq_len: int | None = None, *, partition_size: int | None = None,
+                           tile: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """q: [B, H, d]; caches [num_blocks, block_size, kvh, d]; block_tables [B, max_blocks] int32;
+    seq_lens [B] (context including the query token). Returns [B, H, d] in q's dtype.
+
+    Keyword-only knobs (the dispatcher never passes them): partition_size None = heuristic, 0 = no split,
+    else tokens per partition (rounded up to a multiple of `tile`); tile = tokens per inner step (>= 16).
+    Pass max_seq_len to avoid a device sync (e.g. under CUDA graphs: an upper bound is fine).
+    """
+    B, H, D = q.shape
+    nb, bs, kvh, dk = k_cache.shape
+    assert dk == D and H % kvh == 0 and v_cache.shape == k_cache.shape
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    G = H // kvh
+    tile = int(tile or 64)
+    assert tile >= 16 and tile & (tile - 1) == 0, "tile must be a power of two >= 16"
+    L = int(max_seq_len) if max_seq_len is not None else int(seq_lens.max())
+    L = max(L, 1)
+    if partition_size is None:
+        partition = choose_partition(B, kvh, L, q.device, tile)
+    else:
+        partition = triton.cdiv(int(partition_size), tile) * tile if partition_size else 0
+    split = partition > 0 and partition < L
+    num_splits = triton.cdiv(L, partition) if split else 1
+    if not split:
+        partition = 0
+    D_P2 = next_pow2(D)
+    G_P2 = max(16, next_pow2(G))
+    qk_scale = float(scale) * _LOG2E
+    if split:
+        part_o = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_o = out  # unused
+        part_lse = out
+    _decode_stage1_kernel[(B, kvh, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse, qk_scale, partition,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2) if split else 0,
+        part_lse.stride(0), part_lse.stride(1),
+        G=G, G_P2=G_P2, D=D, D_P2=D_P2, BLOCK_SIZE=bs, TILE=tile, SPLIT=split,
+        DOT_PREC=dot_precision(q.dtype), INTERP=interpreting(), num_warps=num_warps, num_stages=num_stages,
+    )
+    if split:
+        _decode_stage2_kernel[(B, H)](
+            part_o, part_lse, seq_lens, out, partition,
+            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1),
+            S_P2=next_pow2(num_splits), D=D, D_P2=D_P2,
+            num_warps=4 if num_splits * D >= 2048 else 2,
+        )
+    return out
