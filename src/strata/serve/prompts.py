@@ -20,7 +20,7 @@ _CONTINUE_MARK = "\u2063strata-continue\u2063"
 
 
 class ServerTokenizer:
-    def __init__(self, tokenizer: Any, chat_template: str | None = None):
+    def __init__(self, tokenizer: Any, chat_template: str | None = None, vocab_size: int | None = None):
         try:
             self.tok = copy.deepcopy(tokenizer)
         except Exception:  # noqa: BLE001 - fall back to sharing; encode/decode only, no state changes
@@ -37,7 +37,8 @@ class ServerTokenizer:
                 sizes.append(len(hf))
             except TypeError:
                 pass
-        self.vocab_size = max(sizes)
+        # ids the model accepts (its embedding may be larger than the tokenizer's vocabulary)
+        self.vocab_size = vocab_size or max(sizes)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
@@ -76,18 +77,15 @@ class ServerTokenizer:
         return text
 
     def _apply(self, messages, *, add_generation_prompt: bool, template: str | None, kwargs: dict) -> str:
-        hf = getattr(self.tok, "hf", None)
+        extra = dict(kwargs)
+        if template is not None:
+            extra["chat_template"] = template
         try:
-            if (template is not None or kwargs) and hf is not None:
-                if template is None and getattr(self.tok, "chat_template", None):
-                    template = self.tok.chat_template
-                return hf.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                              add_generation_prompt=add_generation_prompt, **kwargs)
             return self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                tokenize=False)
+                                                tokenize=False, **extra)
         except ParameterError:
             raise
-        except Exception as e:  # noqa: BLE001 - template errors are the request's problem
+        except Exception as e:  # noqa: BLE001 - template errors (or no template) are the request's problem
             raise ParameterError("messages", f"the chat template failed on these messages: "
                                              f"{type(e).__name__}: {e}") from None
 

@@ -33,7 +33,10 @@ def build_state(engine, args: ServerArgs) -> ServerState:
     async_llm = AsyncLLM(engine, observers=[metrics])
     aliases = {cfg.model_path} if getattr(cfg, "model_path", None) else set()
     return ServerState(engine=async_llm, args=args, metrics=metrics,
-                       tokenizer=ServerTokenizer(engine.tokenizer, args.chat_template), model_name=model_name,
+                       tokenizer=ServerTokenizer(engine.tokenizer, args.chat_template,
+                                                 vocab_size=getattr(getattr(engine, "model_config", None),
+                                                                    "vocab_size", None)),
+                       model_name=model_name,
                        aliases=aliases, max_model_len=cfg.max_model_len)
 
 
