@@ -1,0 +1,575 @@
+"""From input rows to engine requests (`Job`) and from engine outputs back to output rows.
+
+Two row kinds:
+- plain rows: the prompt comes from `--text-field`, `--prompt-template` ("{field}" placeholders) or
+  `--messages-field`, wrapped in the model's chat template with `--system-prompt`. Output row:
+  `{"id", "row", "text", "finish_reason", "prompt_tokens", "output_tokens", "truncated", ..., "error"}`.
+- OpenAI batch rows (`custom_id`, `method`, `url`, `body`): the body of a /v1/chat/completions or
+  /v1/completions request. Output row: `{"id", "custom_id", "response": {"status_code", "request_id",
+  "body"}, "error"}` as the OpenAI Batch API writes it; a request the API would refuse gets status 400 and an
+  OpenAI error body, a line that is not a request at all gets `response: null` and `error`.
+
+Truncation (`--max-input-tokens`): `content` (default) cuts the text itself so the chat template around it
+(system prompt, the assistant turn's opening) stays whole; `right`/`left` cut the templated prompt's token
+ids. Truncated rows say so (`truncated`, `prompt_tokens_untruncated`).
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from strata.batch.readers import Record, RowError
+from strata.core.sampling_params import ParameterError, SamplingParams
+
+SENTINEL = "\u2063STRATA\u2063CONTENT\u2063"  # invisible separators: no template alters them
+OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
+_MISSING = object()
+
+
+# ---------------------------------------------------------------- what goes in and out of the runner
+
+@dataclass
+class Job:
+    key: str
+    id: Any
+    row: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    kind: str = "plain"  # plain | openai
+    url: str | None = None
+    truncated: bool = False
+    untruncated_tokens: int | None = None
+    extra: dict | None = None  # --include-fields values (plain rows)
+
+
+@dataclass
+class ErrorItem:
+    key: str
+    id: Any
+    row: int
+    error: RowError
+    kind: str = "plain"
+    status_code: int | None = None  # OpenAI rows: 400 for a refused request, None for a line that is no request
+    param: str | None = None
+    extra: dict | None = None
+
+
+def is_openai_row(obj: Any) -> bool:
+    return isinstance(obj, dict) and "custom_id" in obj and ("body" in obj or "url" in obj)
+
+
+def get_path(obj: Any, path: str) -> Any:
+    """`obj[path]`, else dotted lookup (`meta.title`); _MISSING when absent."""
+    if isinstance(obj, dict) and path in obj:
+        return obj[path]
+    cur = obj
+    for part in path.split("."):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+            cur = cur[int(part)]
+        else:
+            return _MISSING
+    return cur
+
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+
+
+def template_fields(template: str) -> list[str]:
+    return [m.group(1).strip() for m in _PLACEHOLDER.finditer(template) if m.group(1) is not None]
+
+
+def render_template(template: str, data: dict) -> str:
+    """Substitute `{field}` (dotted paths allowed; `{{`/`}}` are literal braces). Raises RowErrorExc."""
+    def sub(m: re.Match) -> str:
+        tok = m.group(0)
+        if tok == "{{":
+            return "{"
+        if tok == "}}":
+            return "}"
+        name = m.group(1).strip()
+        v = get_path(data, name)
+        if v is _MISSING or v is None:
+            raise RowErrorExc("missing_field", f"field {name!r} (in --prompt-template) is missing")
+        if isinstance(v, (str, int, float, bool)):
+            return str(v)
+        raise RowErrorExc("non_text_field", f"field {name!r} (in --prompt-template) is {type(v).__name__}, not text")
+    return _PLACEHOLDER.sub(sub, template)
+
+
+class RowErrorExc(Exception):
+    def __init__(self, type_: str, message: str, status_code: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.error = RowError(type_, message)
+        self.status_code = status_code
+        self.param = param
+
+
+# ---------------------------------------------------------------- options
+
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "seed", "stop", "ignore_eos", "min_tokens")
+PLAIN_DEFAULTS = {"max_tokens": 256, "temperature": 0.0}  # batch jobs are greedy (reproducible) unless asked
+OPENAI_DEFAULTS = {"max_tokens": None, "temperature": 1.0}  # the OpenAI API's own defaults
+
+
+@dataclass
+class JobOptions:
+    mode: str = "plain"  # plain | openai
+    id_field: str | None = None
+    text_field: str | None = "text"
+    prompt_template: str | None = None
+    messages_field: str | None = None
+    system_prompt: str | None = None
+    chat_template: bool = True
+    include_fields: list[str] = field(default_factory=list)
+    max_input_tokens: int | None = None
+    truncation_side: str = "content"  # content | right | left
+    on_too_long: str = "truncate"  # truncate | error
+    sampling: dict = field(default_factory=dict)  # values the user gave explicitly (None ones dropped)
+    filters: list[tuple[str, str]] = field(default_factory=list)
+    min_text_tokens: int | None = None
+    max_text_tokens: int | None = None
+
+    def needed_columns(self) -> list[str] | None:
+        """Top-level columns a columnar reader must load (None: all)."""
+        if self.mode == "openai" or self.messages_field is None and self.text_field is None and not self.prompt_template:
+            return None
+        cols = []
+        for f in [self.id_field, self.text_field, self.messages_field, *self.include_fields,
+                  *(k for k, _ in self.filters), *(template_fields(self.prompt_template) if self.prompt_template else [])]:
+            if f:
+                cols.append(f.split(".")[0])
+        return cols
+
+    @property
+    def selects_by_content(self) -> bool:
+        return bool(self.filters) or self.min_text_tokens is not None or self.max_text_tokens is not None
+
+
+# ---------------------------------------------------------------- building
+
+class JobBuilder:
+    """Turns records into Jobs or ErrorItems. Holds the tokenizer; used from one thread at a time."""
+
+    def __init__(self, opts: JobOptions, tokenizer: Any, *, max_model_len: int | None = None):
+        self.o = opts
+        self.tok = tokenizer
+        self.max_model_len = max_model_len
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None)) and opts.chat_template
+        self._affix_cache: dict[tuple, tuple[str, str] | None] = {}
+        self._plain_sampling = {**PLAIN_DEFAULTS, **opts.sampling}
+        self._openai_sampling = {**OPENAI_DEFAULTS, **opts.sampling}
+        SamplingParams(**self._plain_sampling)  # fail fast on bad CLI values
+
+    # ---- identity and selection (cheap; before a row is built)
+
+    def identify(self, rec: Record) -> tuple[str, Any]:
+        """(resume key, id) of a loaded record."""
+        if self.o.mode != "openai" and not self.o.id_field:
+            return str(rec.row), rec.row
+        if rec.data is not None:
+            if self.o.mode == "openai":
+                cid = rec.data.get("custom_id")
+                if isinstance(cid, (str, int)) and not isinstance(cid, bool):
+                    return str(cid), cid
+            elif self.o.id_field:
+                v = get_path(rec.data, self.o.id_field)
+                if isinstance(v, (str, int)) and not isinstance(v, bool):
+                    return str(v), v
+        return f"#row{rec.row}", None
+
+    def selected(self, rec: Record) -> bool:
+        """False when `--filter` / `--min/max-text-tokens` leave the row out (no output row at all). Rows
+        that are broken are selected: they become error rows."""
+        if rec.data is None:
+            return True
+        for name, want in self.o.filters:
+            v = get_path(rec.data, name)
+            if v is _MISSING or str(v) != want:
+                return False
+        if self.o.min_text_tokens is not None or self.o.max_text_tokens is not None:
+            try:
+                n = len(self._content_ids(rec))
+            except RowErrorExc:
+                return True
+            if self.o.min_text_tokens is not None and n < self.o.min_text_tokens:
+                return False
+            if self.o.max_text_tokens is not None and n > self.o.max_text_tokens:
+                return False
+        return True
+
+    # ---- building
+
+    def build(self, rec: Record, key: str, id_: Any) -> Job | ErrorItem:
+        kind = self.o.mode
+        if rec.error is not None:
+            return ErrorItem(key, id_, rec.row, rec.error, kind)
+        if id_ is None and (kind == "openai" or self.o.id_field):
+            what = "custom_id" if kind == "openai" else f"id field {self.o.id_field!r}"
+            v = rec.data.get("custom_id") if kind == "openai" else get_path(rec.data, self.o.id_field)
+            msg = f"{what} is missing" if v is _MISSING or v is None else f"{what} is {type(v).__name__}, not a string or integer"
+            return ErrorItem(key, None, rec.row, RowError("missing_id" if v is _MISSING or v is None else "invalid_id", msg), kind)
+        try:
+            if kind == "openai":
+                return self._build_openai(rec, key, id_)
+            return self._build_plain(rec, key, id_)
+        except RowErrorExc as e:
+            extra = self._extra(rec) if kind == "plain" else None
+            return ErrorItem(key, id_, rec.row, e.error, kind, e.status_code if kind == "openai" else None,
+                             e.param, extra)
+
+    def _extra(self, rec: Record) -> dict | None:
+        if not self.o.include_fields or rec.data is None:
+            return None
+        out = {}
+        for f in self.o.include_fields:
+            v = get_path(rec.data, f)
+            out[f] = None if v is _MISSING else v
+        return out
+
+    def _content(self, rec: Record) -> str:
+        c = rec.cache.get("content") if rec.cache else None
+        if c is not None:
+            return c
+        o = self.o
+        if o.prompt_template:
+            c = render_template(o.prompt_template, rec.data)
+        else:
+            v = get_path(rec.data, o.text_field)
+            if v is _MISSING or v is None:
+                raise RowErrorExc("missing_field", f"field {o.text_field!r} is missing")
+            if not isinstance(v, str):
+                raise RowErrorExc("non_text_field", f"field {o.text_field!r} is {type(v).__name__}, not text")
+            c = v
+        if not c.strip():
+            raise RowErrorExc("empty_text", "the prompt text is empty")
+        rec.cache = {**(rec.cache or {}), "content": c}
+        return c
+
+    def _content_ids(self, rec: Record) -> list[int]:
+        ids = rec.cache.get("content_ids") if rec.cache else None
+        if ids is None:
+            ids = self.tok.encode(self._content(rec), add_special_tokens=False)
+            rec.cache["content_ids"] = ids
+        return ids
+
+    def _build_plain(self, rec: Record, key: str, id_: Any) -> Job:
+        o = self.o
+        if o.messages_field:
+            messages = _check_messages(get_path(rec.data, o.messages_field), o.messages_field)
+            if o.system_prompt and not any(m["role"] == "system" for m in messages):
+                messages = [{"role": "system", "content": o.system_prompt}, *messages]
+            ids, truncated, full = self._prompt_ids(messages, None)
+        else:
+            content = self._content(rec)
+            messages = ([{"role": "system", "content": o.system_prompt}] if o.system_prompt else [])
+            messages.append({"role": "user", "content": content})
+            ids, truncated, full = self._prompt_ids(messages, rec)
+        params = _sampling(self._plain_sampling)
+        return Job(key, id_, rec.row, ids, params, "plain", None, truncated, full if truncated else None,
+                   self._extra(rec))
+
+    def _build_openai(self, rec: Record, key: str, id_: Any) -> Job:
+        d = rec.data
+        method = d.get("method", "POST")
+        if str(method).upper() != "POST":
+            raise RowErrorExc("invalid_request", f"method {method!r} is not supported; only POST", param="method")
+        url = d.get("url")
+        if url not in OPENAI_URLS:
+            raise RowErrorExc("invalid_request", f"url {url!r} is not supported; use one of {', '.join(OPENAI_URLS)}",
+                              param="url")
+        body = d.get("body")
+        if not isinstance(body, dict):
+            raise RowErrorExc("invalid_request", "body must be a JSON object", param="body")
+        for unsupported in ("tools", "functions", "tool_choice", "function_call"):
+            if body.get(unsupported):
+                raise RowErrorExc("invalid_request", f"{unsupported!r} is not supported by strata batch", param=unsupported)
+        rf = body.get("response_format")
+        if isinstance(rf, dict) and rf.get("type") not in (None, "text"):
+            raise RowErrorExc("invalid_request", f"response_format {rf.get('type')!r} is not supported", param="response_format")
+        params = _openai_params(body, self._openai_sampling, url)
+        if url == "/v1/chat/completions":
+            messages = _check_messages(body.get("messages", _MISSING), "messages", openai=True)
+            ids, truncated, full = self._prompt_ids(messages, None)
+        else:
+            prompt = body.get("prompt", _MISSING)
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+                prompt = prompt[0]
+            if isinstance(prompt, str):
+                ids = self.tok.encode(prompt, add_special_tokens=True)
+                ids, truncated, full = self._truncate_raw(ids, prompt)
+            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                ids, truncated, full = self._truncate_ids(list(prompt))
+            elif prompt is _MISSING:
+                raise RowErrorExc("invalid_request", "prompt is required", param="prompt")
+            else:
+                raise RowErrorExc("invalid_request", "prompt must be a string or a list of token ids "
+                                  "(several prompts per request are not supported in batch files)", param="prompt")
+        return Job(key, id_, rec.row, ids, params, "openai", url, truncated, full if truncated else None)
+
+    # ---- templating and truncation
+
+    def _affixes(self, messages: list[dict], ci: int) -> tuple[str, str] | None:
+        """(text before, text after) message `ci`'s content in the rendered chat prompt; None if the
+        template does not reproduce the content verbatim."""
+        if not self.has_chat_template:
+            return "", ""
+        ck = tuple((m["role"], m["content"] if i != ci else None) for i, m in enumerate(messages))
+        if ck in self._affix_cache:
+            return self._affix_cache[ck]
+        probe = [dict(m) for m in messages]
+        probe[ci]["content"] = SENTINEL
+        rendered = self.tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+        res = None
+        if rendered.count(SENTINEL) == 1:
+            pre, post = rendered.split(SENTINEL)
+            # The fast path (prefix + content + suffix) must equal rendering; check with awkward content.
+            probe[ci]["content"] = " x\n"
+            if self.tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False) == pre + " x\n" + post:
+                res = (pre, post)
+        if len(self._affix_cache) > 1024:
+            self._affix_cache.clear()
+        self._affix_cache[ck] = res
+        return res
+
+    def _prompt_ids(self, messages: list[dict], rec: Record | None) -> tuple[list[int], bool, int]:
+        """Token ids of the chat prompt, truncated per the options: (ids, truncated, untruncated length)."""
+        ci = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+        content = messages[ci]["content"]
+        if not self.has_chat_template:
+            text = "\n\n".join(m["content"] for m in messages)
+            ids = self.tok.encode(text, add_special_tokens=True)
+            return self._truncate_raw(ids, text)
+        aff = self._affixes(messages, ci)
+        if aff is not None:
+            text = aff[0] + content + aff[1]
+        else:
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = self.tok.encode(text, add_special_tokens=False)
+        limit = self.o.max_input_tokens
+        if limit is None or len(ids) <= limit:
+            return ids, False, len(ids)
+        if self.o.on_too_long == "error":
+            raise RowErrorExc("prompt_too_long", f"the prompt has {len(ids)} tokens, more than --max-input-tokens={limit}",
+                              param="messages")
+        if self.o.truncation_side == "content" and aff is not None:
+            pre = self.tok.encode(aff[0], add_special_tokens=False) if aff[0] else []
+            post = self.tok.encode(aff[1], add_special_tokens=False) if aff[1] else []
+            budget = limit - len(pre) - len(post)
+            if budget < 1:
+                raise RowErrorExc("prompt_too_long", f"the chat template and system prompt alone take "
+                                  f"{len(pre) + len(post)} tokens, --max-input-tokens={limit} leaves no room for the text")
+            cids = (self._content_ids(rec) if rec is not None and rec.cache and rec.cache.get("content") == content
+                    else self.tok.encode(content, add_special_tokens=False))
+            return pre + cids[:budget] + post, True, len(ids)
+        return self._cut(ids), True, len(ids)
+
+    def _truncate_raw(self, ids: list[int], text: str) -> tuple[list[int], bool, int]:
+        limit = self.o.max_input_tokens
+        if limit is None or len(ids) <= limit:
+            return ids, False, len(ids)
+        if self.o.on_too_long == "error":
+            raise RowErrorExc("prompt_too_long", f"the prompt has {len(ids)} tokens, more than --max-input-tokens={limit}",
+                              param="prompt")
+        if self.o.truncation_side == "content":
+            special = self.tok.encode("", add_special_tokens=True)
+            body = self.tok.encode(text, add_special_tokens=False)
+            return special + body[: max(1, limit - len(special))], True, len(ids)
+        return self._cut(ids), True, len(ids)
+
+    def _truncate_ids(self, ids: list[int]) -> tuple[list[int], bool, int]:
+        limit = self.o.max_input_tokens
+        if limit is None or len(ids) <= limit:
+            return ids, False, len(ids)
+        if self.o.on_too_long == "error":
+            raise RowErrorExc("prompt_too_long", f"the prompt has {len(ids)} tokens, more than --max-input-tokens={limit}",
+                              param="prompt")
+        return self._cut(ids), True, len(ids)
+
+    def _cut(self, ids: list[int]) -> list[int]:
+        limit = self.o.max_input_tokens
+        return ids[-limit:] if self.o.truncation_side == "left" else ids[:limit]
+
+
+def _check_messages(v: Any, name: str, openai: bool = False) -> list[dict]:
+    if v is _MISSING or v is None:
+        raise RowErrorExc("missing_field" if not openai else "invalid_request", f"{name!r} is missing", param=name)
+    if not isinstance(v, list) or not v:
+        raise RowErrorExc("invalid_messages", f"{name!r} must be a non-empty list of messages", param=name)
+    out = []
+    for i, m in enumerate(v):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RowErrorExc("invalid_messages", f"{name}[{i}] must be an object with a 'role'", param=name)
+        c = m.get("content")
+        if isinstance(c, list):  # OpenAI content parts: text only
+            parts = []
+            for p in c:
+                if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
+                    parts.append(p["text"])
+                else:
+                    raise RowErrorExc("invalid_messages", f"{name}[{i}]: only text content parts are supported", param=name)
+            c = "\n".join(parts)
+        if c is None and m.get("role") == "assistant":
+            c = ""
+        if not isinstance(c, str):
+            raise RowErrorExc("non_text_field", f"{name}[{i}].content is {type(c).__name__}, not text", param=name)
+        out.append({"role": m["role"], "content": c})
+    return out
+
+
+def _sampling(kw: dict) -> SamplingParams:
+    try:
+        return SamplingParams(**kw)
+    except ParameterError as e:
+        raise RowErrorExc("invalid_parameter", str(e), param=e.param) from e
+    except (TypeError, ValueError) as e:
+        raise RowErrorExc("invalid_parameter", f"invalid sampling parameters: {e}") from e
+
+
+def _openai_params(body: dict, defaults: dict, url: str) -> SamplingParams:
+    kw = dict(defaults)
+    mt = body.get("max_completion_tokens", body.get("max_tokens"))
+    if mt is not None:
+        kw["max_tokens"] = mt
+    for name in ("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty",
+                 # vLLM's extensions of the OpenAI body
+                 "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+                 "skip_special_tokens", "include_stop_str_in_output"):
+        if body.get(name) is not None:
+            kw[name] = body[name]
+    if body.get("stop") is not None:
+        kw["stop"] = body["stop"]
+    if url == "/v1/chat/completions":
+        if body.get("logprobs"):
+            kw["logprobs"] = body.get("top_logprobs") or 0
+    elif body.get("logprobs") is not None:
+        kw["logprobs"] = body["logprobs"]
+    for k in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty"):
+        if k in kw and kw[k] is not None and not isinstance(kw[k], (int, float)) or isinstance(kw.get(k), bool):
+            raise RowErrorExc("invalid_parameter", f"{k} must be a number, got {kw[k]!r}", param=k)
+    for k in ("max_tokens", "n", "seed", "top_k", "min_tokens"):
+        if kw.get(k) is not None and (not isinstance(kw[k], int) or isinstance(kw[k], bool)):
+            raise RowErrorExc("invalid_parameter", f"{k} must be an integer, got {kw[k]!r}", param=k)
+    return _sampling(kw)
+
+
+# ---------------------------------------------------------------- output rows
+
+def _new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex
+
+
+def result_row(job: Job, out: Any, model_name: str) -> dict:
+    """The output row of a finished request (`out` is the engine's final RequestOutput)."""
+    comps = out.outputs
+    prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else len(job.prompt_ids)
+    out_tokens = sum(len(c.token_ids) for c in comps)
+    failed = out.error or any(c.finish_reason in ("error", "abort") for c in comps)
+    if job.kind == "openai":
+        if failed:
+            return openai_error_row(job.key, job.id, job.row, RowError("engine_error", out.error or "generation failed"),
+                                    500, None)
+        created = int(time.time())
+        if job.url == "/v1/chat/completions":
+            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": _chat_logprobs(c), "finish_reason": _oai_finish(c.finish_reason)} for c in comps]
+            body = {"id": _new_id("chatcmpl-"), "object": "chat.completion", "created": created, "model": model_name,
+                    "choices": choices}
+        else:
+            choices = [{"index": c.index, "text": c.text, "logprobs": _completion_logprobs(c),
+                        "finish_reason": _oai_finish(c.finish_reason)} for c in comps]
+            body = {"id": _new_id("cmpl-"), "object": "text_completion", "created": created, "model": model_name,
+                    "choices": choices}
+        body["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": out_tokens,
+                         "total_tokens": prompt_tokens + out_tokens}
+        return {"id": _new_id("batch_req_"), "custom_id": job.id,
+                "response": {"status_code": 200, "request_id": _new_id(""), "body": body}, "error": None}
+    if failed:
+        return plain_error_row(job.id, job.row, RowError("engine_error", out.error or "generation failed"), job.extra)
+    c = comps[0]
+    row = {"id": job.id, "row": job.row, "text": c.text, "finish_reason": c.finish_reason,
+           "prompt_tokens": prompt_tokens, "output_tokens": out_tokens, "truncated": job.truncated}
+    if job.truncated:
+        row["prompt_tokens_untruncated"] = job.untruncated_tokens
+    if len(comps) > 1:
+        row["texts"] = [x.text for x in comps]
+    if job.extra:
+        row["fields"] = job.extra
+    row["error"] = None
+    return row
+
+
+def _oai_finish(fr: str | None) -> str | None:
+    return fr if fr in ("stop", "length") else fr
+
+
+def _chat_logprobs(c: Any) -> dict | None:
+    if c.logprobs is None:
+        return None
+    content = []
+    for tid, entry in zip(c.token_ids, c.logprobs):
+        chosen = entry.get(tid)
+        tok = (chosen.decoded if chosen is not None and chosen.decoded is not None else "")
+        top = [{"token": lp.decoded or "", "logprob": lp.logprob, "bytes": list((lp.decoded or "").encode())}
+               for t, lp in entry.items()]
+        content.append({"token": tok, "logprob": chosen.logprob if chosen else None,
+                        "bytes": list(tok.encode()), "top_logprobs": top})
+    return {"content": content}
+
+
+def _completion_logprobs(c: Any) -> dict | None:
+    if c.logprobs is None:
+        return None
+    tokens, lps, tops, offsets = [], [], [], []
+    off = 0
+    for tid, entry in zip(c.token_ids, c.logprobs):
+        chosen = entry.get(tid)
+        tok = chosen.decoded if chosen is not None and chosen.decoded is not None else ""
+        tokens.append(tok)
+        lps.append(chosen.logprob if chosen else None)
+        tops.append({(lp.decoded or ""): lp.logprob for lp in entry.values()})
+        offsets.append(off)
+        off += len(tok)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def plain_error_row(id_: Any, row: int, err: RowError, extra: dict | None = None) -> dict:
+    r = {"id": id_, "row": row, "text": None}
+    if extra:
+        r["fields"] = extra
+    r["error"] = {"type": err.type, "message": err.message}
+    return r
+
+
+def openai_error_row(key: str, id_: Any, row: int, err: RowError, status: int | None, param: str | None) -> dict:
+    if status is None:  # not a request at all: no response
+        r = {"id": _new_id("batch_req_"), "custom_id": id_, "response": None,
+             "error": {"code": err.type, "message": err.message}}
+        if id_ is None:
+            r["row"] = row
+        return r
+    etype = "invalid_request_error" if status == 400 else "server_error"
+    body = {"error": {"message": err.message, "type": etype, "param": param, "code": err.type}}
+    r = {"id": _new_id("batch_req_"), "custom_id": id_,
+         "response": {"status_code": status, "request_id": _new_id(""), "body": body}, "error": None}
+    if id_ is None:
+        r["row"] = row
+    return r
+
+
+def error_row(item: ErrorItem) -> dict:
+    if item.kind == "openai":
+        return openai_error_row(item.key, item.id, item.row, item.error, item.status_code, item.param)
+    return plain_error_row(item.id, item.row, item.error, item.extra)
+
+
+def job_error_row(job: Job, err: RowError, status: int = 400, param: str | None = None) -> dict:
+    """A job the engine refused at add_request (e.g. prompt longer than the context)."""
+    if job.kind == "openai":
+        return openai_error_row(job.key, job.id, job.row, err, status, param)
+    return plain_error_row(job.id, job.row, err, job.extra)
