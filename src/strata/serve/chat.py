@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-from strata.serve.common import (Submitted, admit, chat_logprobs, check_model, check_output_error, new_id, now_s,
+from strata.serve.common import (check_params_for_model, Submitted, admit, chat_logprobs, check_model, check_output_error, new_id, now_s,
                                  submit, usage)
 from strata.serve.errors import from_exception
 from strata.serve.prompts import check_lengths
@@ -19,6 +19,7 @@ class PreparedChat:
         check_model(state, req.model)
         self.req = req
         self.params = chat_sampling_params(req)
+        check_params_for_model(state, self.params)
         messages = normalize_messages(req.messages)
         text = state.tokenizer.render_chat(messages, add_generation_prompt=req.add_generation_prompt,
                                            continue_final_message=req.continue_final_message,

@@ -26,6 +26,13 @@ def check_model(state: ServerState, model: str | None) -> None:
         raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
+def check_params_for_model(state: ServerState, params: SamplingParams) -> None:
+    """Checks that need the model: token ids in parameters must exist in its vocabulary."""
+    from strata.serve.prompts import check_token_ids
+    if params.stop_token_ids:
+        check_token_ids(params.stop_token_ids, state.tokenizer.vocab_size, param="stop_token_ids")
+
+
 def admit(state: ServerState, num_requests: int = 1) -> None:
     """Refuse work the server cannot take: 503 while draining or dead, 429 beyond --max-queued-requests."""
     eng = state.engine

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 from strata.core.outputs import RequestOutput
-from strata.serve.common import (Submitted, admit, check_model, check_output_error, completion_logprobs,
+from strata.serve.common import (check_params_for_model, Submitted, admit, check_model, check_output_error, completion_logprobs,
                                  new_id, now_s, submit, usage)
 from strata.serve.errors import from_exception
 from strata.serve.prompts import check_lengths, completion_prompts
@@ -19,6 +19,7 @@ class PreparedCompletion:
         check_model(state, req.model)
         self.req = req
         self.params = completion_sampling_params(req)
+        check_params_for_model(state, self.params)
         self.prompts = completion_prompts(state.tokenizer, req.prompt, req.add_special_tokens)
         for _, ids in self.prompts:
             check_lengths(len(ids), self.params.max_tokens, state.max_model_len, prompt_param="prompt",

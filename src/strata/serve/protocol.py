@@ -15,11 +15,12 @@ from strata.core.sampling_params import ParameterError, SamplingParams
 
 MAX_N = 128
 MAX_LOGPROBS = 20
-_SEED_MIN, _SEED_MAX = -(2 ** 63), 2 ** 64 - 1
+# torch generators take seeds in [-2^63, 2^64); sample i of n uses seed + i
+_SEED_MIN, _SEED_MAX = -(2 ** 63), 2 ** 64 - 1 - MAX_N
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -110,12 +111,18 @@ def parse_json_object(raw: bytes) -> dict:
     if not raw.strip():
         raise ParameterError(None, "The request body is empty; expected a JSON object.")  # type: ignore[arg-type]
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise ParameterError(None, f"The request body is not valid JSON: {e}") from None  # type: ignore[arg-type]
+    except RecursionError:
+        raise ParameterError(None, "The request body is nested too deeply.") from None  # type: ignore[arg-type]
     if not isinstance(body, dict):
         raise ParameterError(None, f"The request body must be a JSON object, got {type(body).__name__}.")  # type: ignore[arg-type]
     return body
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a valid JSON number")
 
 
 def parse_model(cls: type[BaseModel], body: dict) -> Any:
@@ -164,7 +171,7 @@ def _common_checks(r: _SamplingFields) -> None:
     _check_range("frequency_penalty", r.frequency_penalty, -2.0, 2.0)
     _check_range("repetition_penalty", r.repetition_penalty, 0.0, 2.0, lo_open=True)
     if r.seed is not None and not _SEED_MIN <= r.seed <= _SEED_MAX:
-        raise ParameterError("seed", f"seed must fit in 64 bits, got {r.seed}")
+        raise ParameterError("seed", f"seed must be in [{_SEED_MIN}, {_SEED_MAX}], got {r.seed}")
     if r.logit_bias:
         raise ParameterError("logit_bias", "logit_bias is not supported by this server")
     if r.prompt_logprobs is not None:

@@ -53,6 +53,14 @@ class RouterRegistration:
         if r.status_code >= 400:
             logger.warning("router %s%s answered %s: %s", self.router, path, r.status_code, r.text[:300])
             return False
+        if path == "/register":
+            # the router may ask for a shorter heartbeat interval than ours (its replica TTL / 3)
+            try:
+                asked = float(r.json().get("heartbeat_interval_s"))
+                if 0 < asked < self.interval:
+                    self.interval = asked
+            except (ValueError, TypeError, AttributeError):
+                pass
         return True
 
     async def _loop(self) -> None:
