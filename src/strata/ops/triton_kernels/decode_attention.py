@@ -21,6 +21,11 @@ import triton.language as tl
 from strata.ops.triton_kernels._utils import dot_precision, interpreting, mm, next_pow2, num_sms
 
 _LOG2E = 1.4426950408889634
+# Launch defaults, chosen without a GPU at hand: benchmarks/kernels.py sweeps them (and the split size) at
+# batch 64 x 2k context; move these to its best row.
+DEFAULT_TILE = 64
+DEFAULT_WARPS = 4
+DEFAULT_STAGES = 2
 
 
 @triton.jit
@@ -122,7 +127,7 @@ def _decode_stage2_kernel(
 
 
 def choose_partition(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
-                     tile: int = 64) -> int:
+                     tile: int = DEFAULT_TILE) -> int:
     """Tokens per split-KV partition, 0 for no split.
 
     Split when B * kvh programs alone would leave the GPU short of programs in flight (fewer than ~8 per SM),
@@ -141,7 +146,8 @@ def choose_partition(batch: int, num_kv_heads: int, max_seq_len: int, device: to
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            max_seq_len: int | None = None, *, partition_size: int | None = None,
-                           tile: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                           tile: int | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None) -> torch.Tensor:
     """q: [B, H, d]; caches [num_blocks, block_size, kvh, d]; block_tables [B, max_blocks] int32;
     seq_lens [B] (context including the query token). Returns [B, H, d] in q's dtype.
 
@@ -161,7 +167,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if block_tables.stride(-1) != 1:
         block_tables = block_tables.contiguous()
     G = H // kvh
-    tile = int(tile or 64)
+    tile = int(tile or DEFAULT_TILE)
+    num_warps = int(num_warps or DEFAULT_WARPS)
+    num_stages = int(num_stages or DEFAULT_STAGES)
     assert tile >= 16 and tile & (tile - 1) == 0, "tile must be a power of two >= 16"
     L = int(max_seq_len) if max_seq_len is not None else int(seq_lens.max())
     L = max(L, 1)

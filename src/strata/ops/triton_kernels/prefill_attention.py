@@ -7,6 +7,7 @@ tokens' K/V are already written there).
 Grid: (T // BLOCK_M + B, H). Program slots of sequence b start at query_start_loc[b] // BLOCK_M + b, which
 leaves each sequence at least cdiv(q_len_b, BLOCK_M) slots; a program finds its sequence by counting the
 starts at or below its id, and spare slots exit at once. So the launch needs no device-to-host sync.
+Within a sequence, slots map to query tiles last-first, so the tiles with the most keys start earliest.
 Each program owns BLOCK_M queries of one head: key tiles wholly below its first query's position run
 without a mask, the diagonal tiles with the causal mask, nothing beyond its last query's position.
 """
@@ -82,9 +83,11 @@ def _prefill_kernel(
         return
     q_start = tl.load(qsl_ptr + b).to(tl.int32)
     q_len = tl.load(qsl_ptr + b + 1).to(tl.int32) - q_start
-    mt = pid - (q_start // BLOCK_M + b)
-    if mt * BLOCK_M >= q_len:
+    n_tiles = tl.cdiv(q_len, BLOCK_M)
+    slot = pid - (q_start // BLOCK_M + b)
+    if slot >= n_tiles:
         return
+    mt = n_tiles - 1 - slot  # the longest (last, most keys) tiles of a sequence launch first
     kv_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     ctx = kv_len - q_len
 
