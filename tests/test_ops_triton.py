@@ -171,6 +171,10 @@ def test_paged_decode_attention_defaults_and_max_seq_len():
     with poisoned_empty():
         out = tk.paged_decode_attention(q, kc, vc, bt, lens, 0.125, partition_size=0)
     assert_close(out, expected, torch.float32)
+    # Many small partitions: up to 19 per sequence, merged by stage 2 in more than one chunk.
+    with poisoned_empty():
+        out = tk.paged_decode_attention(q, kc, vc, bt, lens, 0.125, max_seq_len=512, partition_size=16, tile=16)
+    assert_close(out, expected, torch.float32)
 
 
 def test_paged_decode_attention_odd_head_dim_via_dispatcher(monkeypatch):

@@ -105,25 +105,35 @@ def _decode_stage1_kernel(
 def _decode_stage2_kernel(
     part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, partition,
     s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
-    S_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
+    CHUNK: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
 ):
+    """Merge the partitions of one (sequence, head): only those holding tokens, CHUNK at a time."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     n = tl.cdiv(seq_len, partition)
-    s = tl.arange(0, S_P2)
+    c = tl.arange(0, CHUNK)
     d = tl.arange(0, D_P2)
-    smask = s < n
-    lse = tl.load(part_lse_ptr + b * s_lb + h * s_lh + s, mask=smask, other=float("-inf"))
-    mx = tl.max(lse, axis=0)
-    mx = tl.where(n > 0, mx, 0.0)
-    w = tl.where(smask, tl.exp2(lse - mx), 0.0)  # [S_P2]
-    o = tl.load(part_o_ptr + b * s_pb + h * s_ph + s[:, None] * s_ps + d[None, :],
-                mask=smask[:, None] & (d[None, :] < D), other=0.0)
-    den = tl.sum(w, axis=0)
-    den = tl.where(den > 0.0, den, 1.0)
-    res = tl.sum(w[:, None] * o, axis=0) / den
-    tl.store(out_ptr + b * s_ob + h * s_oh + d, res.to(out_ptr.dtype.element_ty), mask=d < D)
+    lse_row = part_lse_ptr + b * s_lb + h * s_lh
+    o_row = part_o_ptr + b * s_pb + h * s_ph
+    mx = tl.full([CHUNK], float("-inf"), tl.float32)
+    for s0 in range(0, n, CHUNK):
+        mx = tl.maximum(mx, tl.load(lse_row + s0 + c, mask=s0 + c < n, other=float("-inf")))
+    m = tl.max(mx, axis=0)
+    m = tl.where(n > 0, m, 0.0)
+    acc = tl.zeros([D_P2], tl.float32)
+    den = tl.zeros([CHUNK], tl.float32)
+    for s0 in range(0, n, CHUNK):
+        smask = s0 + c < n
+        lse = tl.load(lse_row + s0 + c, mask=smask, other=float("-inf"))
+        w = tl.where(smask, tl.exp2(lse - m), 0.0)  # [CHUNK]
+        o = tl.load(o_row + (s0 + c)[:, None] * s_ps + d[None, :], mask=smask[:, None] & (d[None, :] < D),
+                    other=0.0)
+        acc += tl.sum(w[:, None] * o, axis=0)
+        den += w
+    total = tl.sum(den, axis=0)
+    total = tl.where(total > 0.0, total, 1.0)  # an empty sequence gives zeros
+    tl.store(out_ptr + b * s_ob + h * s_oh + d, (acc / total).to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def choose_partition(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
@@ -204,7 +214,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             part_o, part_lse, seq_lens, out, partition,
             part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
-            S_P2=next_pow2(num_splits), D=D, D_P2=D_P2,
-            num_warps=4 if num_splits * D >= 2048 else 2,
+            CHUNK=min(16, next_pow2(num_splits)), D=D, D_P2=D_P2, num_warps=2,
         )
     return out
