@@ -99,9 +99,13 @@ class LLMEngine:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        from strata.engine.executor import build_parallel_engine, needs_executor
+        if needs_executor(args):  # TP x PP > 1, several nodes, or a torchrun/srun rank: worker processes
+            return build_parallel_engine(cls, args)
         config, model_cfg, model, tokenizer = build_engine(args)
         runner = ModelRunner(model, device=torch.device(config.device), dtype=config.dtype,
-                             block_size=config.block_size, seed=config.seed)
+                             block_size=config.block_size, seed=config.seed, max_num_seqs=config.max_num_seqs,
+                             max_model_len=config.max_model_len, enforce_eager=config.enforce_eager)
         runner.allocate_kv_cache(config.num_blocks)
         return cls(config, model_cfg, tokenizer, runner)
 

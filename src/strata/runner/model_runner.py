@@ -13,17 +13,27 @@ import torch
 from strata.attention.backend import AttentionMetadata, forward_context
 from strata.core.plan import ScheduledChunk, StepPlan, StepResult
 from strata.layers.sampler import Sampler, SamplingBatch
+from strata.runner.cuda_graphs import DecodeGraphs, SlotBlockTables
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype,
-                 block_size: int, seed: int = 0):
+                 block_size: int, seed: int = 0, max_num_seqs: int = 256, max_model_len: int = 2048,
+                 enforce_eager: bool = True):
         self.model = model
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
         self.sampler = Sampler(seed, device)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # CUDA only: persistent per-slot block tables and decode graphs.
+        self.tables: SlotBlockTables | None = None
+        self.graphs: DecodeGraphs | None = None
+        self.use_graphs = device.type == "cuda" and not enforce_eager
+        if device.type == "cuda":
+            self.tables = SlotBlockTables(max_num_seqs, -(-max_model_len // block_size), device)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         layers = self.model.attention_layers
@@ -34,6 +44,11 @@ class ModelRunner:
             v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.k_cache, attn.v_cache = k, v
             self.kv_caches.append((k, v))
+        if self.use_graphs:
+            self.graphs = DecodeGraphs(self.model, self.tables, max_num_seqs=self.max_num_seqs,
+                                       block_size=self.block_size, max_seq_len=self.max_model_len,
+                                       device=self.device)
+            self.graphs.capture()
 
     # ---- input preparation ----
     def _prepare(self, chunks: list[ScheduledChunk]):
@@ -80,8 +95,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        if self.tables is not None:
+            self.tables.sync(plan)
         decodes = [c for c in plan.chunks if c.num_tokens == 1 and c.start > 0]
         prefills = [c for c in plan.chunks if not (c.num_tokens == 1 and c.start > 0)]
+        if not prefills and self.graphs is not None and self.graphs.fits(len(decodes)):
+            return self._execute_graph(plan)
         ordered = decodes + prefills
         ids, pos, slots = self._prepare(ordered)
         meta = self.build_metadata(decodes, prefills, slots)
@@ -99,6 +118,9 @@ class ModelRunner:
         if not sample_chunks:
             return StepResult()
         logits = self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])  # [B, V]
+        return self._sample(plan, sample_chunks, logits)
+
+    def _sample(self, plan: StepPlan, sample_chunks: list[ScheduledChunk], logits: torch.Tensor) -> StepResult:
         tokens, lps = self.sampler(logits, SamplingBatch([c.request for c in sample_chunks]))
         by_req = {id(c): i for i, c in enumerate(sample_chunks)}
         result = StepResult()
@@ -108,3 +130,11 @@ class ModelRunner:
                 result.sampled_token_ids.append(tokens[i])
                 result.logprobs.append(lps[i] if lps is not None else None)
         return result
+
+    def _execute_graph(self, plan: StepPlan) -> StepResult:
+        chunks = plan.chunks  # all decodes, each samples
+        ids = [c.request.token_at(c.start) for c in chunks]
+        pos = [c.start for c in chunks]
+        slots = [c.request.slot for c in chunks]
+        logits = self.graphs.run(ids, pos, slots)
+        return self._sample(plan, chunks, logits)

@@ -1,0 +1,120 @@
+"""Persistent per-slot device state and CUDA graphs for decode steps.
+
+`SlotBlockTables`: one row of block ids per stable request slot, on the device, updated from each step's
+diff (only block ids appended since the last step travel host -> device). Row `max_num_seqs` is the
+dummy slot: all zeros, i.e. the null block, used by padding rows.
+
+`DecodeGraphs`: decode-only steps run as replays of graphs captured at a fixed ladder of batch sizes.
+Inputs are three static buffers (token ids, positions, slots); block tables, slot mapping and sequence
+lengths are derived on the device inside the graph, so a step's host work is three small copies.
+Padding rows use the dummy slot and position 0: they read and write only the null block.
+"""
+from __future__ import annotations
+
+import torch
+
+from strata.attention.backend import AttentionMetadata, forward_context
+from strata.core.plan import StepPlan
+
+
+class SlotBlockTables:
+    def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device):
+        self.dummy = max_num_seqs
+        self.table = torch.zeros(max_num_seqs + 1, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.synced = [0] * (max_num_seqs + 1)
+        self.device = device
+
+    def sync(self, plan: StepPlan) -> None:
+        for s in plan.new_slots:
+            self.synced[s] = 0
+        rows, cols, vals = [], [], []
+        for c in plan.chunks:
+            r = c.request
+            s, have = r.slot, self.synced[r.slot]
+            ids = r.block_ids
+            if len(ids) > have:
+                n = len(ids) - have
+                rows.extend([s] * n)
+                cols.extend(range(have, len(ids)))
+                vals.extend(ids[have:])
+                self.synced[s] = len(ids)
+        if rows:
+            upd = torch.tensor([rows, cols, vals], dtype=torch.int64).pin_memory().to(self.device, non_blocking=True)
+            self.table[upd[0], upd[1]] = upd[2].to(torch.int32)
+
+
+def decode_metadata(table: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, block_size: int,
+                    max_seq_len: int) -> AttentionMetadata:
+    """Everything attention needs for a decode batch, computed on the device (graph-capturable)."""
+    bt = table.index_select(0, slots)  # [B, max_blocks]
+    blk = bt.gather(1, torch.div(positions, block_size, rounding_mode="floor").unsqueeze(1)).squeeze(1)
+    slot_mapping = blk.to(torch.int64) * block_size + positions % block_size
+    return AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=slots.shape[0],
+                             decode_block_tables=bt, decode_seq_lens=(positions + 1).to(torch.int32),
+                             decode_max_seq_len=max_seq_len, prefill_block_tables=None,
+                             prefill_query_start_loc=None, prefill_seq_lens=None)
+
+
+def batch_ladder(max_num_seqs: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b <= max_num_seqs]
+    sizes += list(range(16, max_num_seqs + 1, 16))
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, tables: SlotBlockTables, *, max_num_seqs: int, block_size: int,
+                 max_seq_len: int, device: torch.device):
+        self.model = model
+        self.tables = tables
+        self.block_size = block_size
+        self.max_seq_len = max_seq_len
+        self.sizes = batch_ladder(max_num_seqs)
+        n = self.sizes[-1]
+        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.pos = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.full((n,), tables.dummy, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.host = torch.zeros(n, 3, dtype=torch.int64).pin_memory()  # rows: (token id, position, slot)
+
+    def _forward(self, b: int) -> torch.Tensor:
+        meta = decode_metadata(self.tables.table, self.slots[:b], self.pos[:b], self.block_size, self.max_seq_len)
+        with forward_context(meta):
+            hidden = self.model(self.ids[:b], self.pos[:b])
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for b in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
+                self._forward(b)  # warm-up: compiles kernels outside the capture
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=stream):
+                    self.logits[b] = self._forward(b)
+                self.graphs[b] = g
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def fits(self, batch: int) -> bool:
+        return bool(self.graphs) and batch <= self.sizes[-1]
+
+    def run(self, ids: list[int], pos: list[int], slots: list[int]) -> torch.Tensor:
+        """Replays the smallest graph that holds the batch. Returns logits [B, V] (a view)."""
+        b = len(ids)
+        g = next(s for s in self.sizes if s >= b)
+        h = self.host
+        h[:b] = torch.tensor([ids, pos, slots], dtype=torch.int64).T
+        h[b:g, 0] = 0
+        h[b:g, 1] = 0
+        h[b:g, 2] = self.tables.dummy
+        dev = h[:g].to(self.ids.device, non_blocking=True)  # [g, 3]
+        self.ids[:g].copy_(dev[:, 0])
+        self.pos[:g].copy_(dev[:, 1])
+        self.slots[:g].copy_(dev[:, 2])
+        self.graphs[g].replay()
+        return self.logits[g][:b]
