@@ -12,7 +12,6 @@ Split-KV is what keeps enough programs in flight when B * kvh is small next to t
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
