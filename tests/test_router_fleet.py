@@ -219,6 +219,31 @@ def test_breaker_cuts_out_500s_and_probes_back_in(fleet):
     assert any(r["replica"] == bad.name for r in results)
 
 
+@needs_fake
+def test_full_replicas_429_make_requests_wait_not_fail(fleet):
+    """Replicas whose own queues are full (429 + Retry-After) are left alone for a moment; the request waits
+    in the router's queue and goes through once one has room. No breaker opens for it."""
+    a = fleet.replica(fake_args=["--mode", "error429"])
+    b = fleet.replica(fake_args=["--mode", "error429"])
+    router = fleet.router(replicas=[a.url, b.url])
+    fleet.start(a, b, router)
+
+    async def go():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s:
+            tasks = [asyncio.create_task(acomplete(s, router.url, p, max_tokens=3, stream=i % 2 == 0))
+                     for i, p in enumerate(_prompts(6, "busy"))]
+            await asyncio.sleep(0.8)
+            assert not any(t.done() for t in tasks)
+            b.control(mode="ok")
+            return await asyncio.gather(*tasks)
+    res = run(go())
+    assert all(r["status"] == 200 and r["error"] is None and r["replica"] == b.name for r in res), res
+    assert router.metric("strata_router:replica_requests_total", outcome="overloaded") >= 4
+    assert router.metric("strata_router:breaker_opened_total") == 0
+
+
 # ------------------------------------------------------------------------------------------ cache-aware
 
 def test_cache_aware_beats_round_robin_on_prefix_hits(fleet):

@@ -355,3 +355,31 @@ def test_slurm_serve_script(tmp_path):
     for bad in (["--gpus-per-node", "8", "-tp", "3"], ["--gpus-per-node", "4", "-tp", "8"], ["-tp", "2"]):
         with pytest.raises(SlurmServeError):
             render_serve_sbatch(_slurm_args(["--router", "http://r:1", *bad]))
+
+
+def test_router_asks_for_per_chunk_usage_and_hides_it():
+    """The router asks replicas for continuous usage (exact token counts even when a chunk carries several
+    tokens) and strips what the client did not ask for."""
+    s = StreamState("completions", {"prompt": "p", "max_tokens": 10, "stream": True})
+    up = s.upstream_body()
+    assert up["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert "stream_options" not in s.body
+    two = json.dumps({"id": "a", "choices": [{"index": 0, "text": "xy", "finish_reason": None}],
+                      "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}).encode()
+    out = loads(s.process(two)[6:])
+    assert "usage" not in out and s.tokens == 2                      # two tokens in one chunk, counted exactly
+    assert s.process(b'{"id": "a", "choices": [], "usage": {"completion_tokens": 2}}') is None
+    assert s.continuation()["max_tokens"] == 8
+    # the client asked for the final usage only: it gets that, adjusted across a failover
+    s = StreamState("chat", {"messages": [{"role": "user", "content": "q"}], "stream": True,
+                             "stream_options": {"include_usage": True}})
+    s.process(json.dumps({"id": "c", "choices": [{"index": 0, "delta": {"content": "ab"}}],
+                          "usage": {"prompt_tokens": 3, "completion_tokens": 2}}).encode())
+    s.begin_segment()
+    fin = loads(s.process(json.dumps({"id": "d", "choices": [], "usage": {
+        "prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}}).encode())[6:])
+    assert fin["id"] == "c" and fin["usage"]["completion_tokens"] == 6 and fin["usage"]["prompt_tokens"] == 3
+    # a client that asked for continuous usage gets the replica's chunks as they are
+    s = StreamState("completions", {"prompt": "p", "stream": True,
+                                    "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    assert not s.inject_usage and s.upstream_body() == s.body

@@ -5,7 +5,7 @@ prompt + generated text), so continuing a generation from prompt + the text alre
 the text of the uninterrupted run, just as a greedy model would.
 
     python tests/router_support/fake_replica.py --port 8001 [--token-delay 0.01] [--mode ok|error500|
-        die-after:N|hang|unhealthy] [--register-with http://router:9000 --region us-east --router-key K]
+        die-after:N|hang|unhealthy|error429] [--register-with http://router:9000 --region us-east --router-key K]
 
 Also: POST /_control {"mode": ..., "token_delay": ..., "health": 200|503} changes behaviour at run time;
 GET /_stats returns counters. /metrics has strata:num_requests_running / _waiting, kv_cache_usage_perc and
@@ -96,6 +96,9 @@ class Replica:
 
     # ------------------------------------------------------------------ http
     def _check_mode(self):
+        if self.mode == "error429":
+            raise web.HTTPTooManyRequests(text=json.dumps({"error": {"message": "queue full", "code": 429}}),
+                                          content_type="application/json", headers={"Retry-After": "0.2"})
         if self.mode == "error500":
             raise web.HTTPInternalServerError(text=json.dumps({"error": {"message": "injected failure", "code": 500}}),
                                               content_type="application/json")
@@ -171,9 +174,16 @@ class Replica:
         await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
 
+        so = body.get("stream_options") or {}
+        continuous = bool(so.get("continuous_usage_stats"))
+        produced = 0
+
         def chunk(choice):
-            return b"data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": self.model,
-                                           "choices": [choice]}).encode() + b"\n\n"
+            d = {"id": rid, "object": obj, "created": created, "model": self.model, "choices": [choice]}
+            if continuous:
+                d["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": produced,
+                              "total_tokens": prompt_tokens + produced}
+            return b"data: " + json.dumps(d).encode() + b"\n\n"
 
         if chat:
             await resp.write(chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -187,12 +197,12 @@ class Replica:
             if self.token_delay:
                 await asyncio.sleep(self.token_delay)
             fin = "length" if i == n - 1 else None
+            produced = i + 1
             if chat:
                 c = {"index": 0, "delta": {"content": tok}, "logprobs": None, "finish_reason": fin}
             else:
                 c = {"index": 0, "text": tok, "logprobs": None, "finish_reason": fin}
             await resp.write(chunk(c))
-        so = body.get("stream_options") or {}
         if so.get("include_usage"):
             await resp.write(b"data: " + json.dumps({"id": rid, "object": obj, "created": created,
                                                      "model": self.model, "choices": [], "usage": {

@@ -140,6 +140,7 @@ class ReplicaProc(Proc):
             argv += ["--register-with", self.register_with]
             if self.region:
                 argv += ["--region", self.region]
+            argv += ["--router-key", ROUTER_KEY]
         return argv
 
     def wait_ready(self, timeout: float = 30.0) -> "ReplicaProc":

@@ -117,6 +117,7 @@ class Replica:
     models: list[dict] = field(default_factory=list)   # /v1/models "data" entries, when fetched
     probe_rtt_ms: float | None = None
     probe_failures: int = 0
+    busy_until: float = 0.0         # answered 429: not sent new work before this (monotonic)
     registered_at: float = field(default_factory=time.monotonic)
     last_heartbeat: float | None = None
     down_since: float | None = None
@@ -138,6 +139,8 @@ class Replica:
         if limit and self.outstanding >= limit:
             return True
         if cfg.saturation_waiting and self.rep_waiting >= cfg.saturation_waiting:
+            return True
+        if self.busy_until and time.monotonic() < self.busy_until:
             return True
         return False
 
@@ -242,7 +245,9 @@ class Registry:
         self._changed()
         return r, True
 
-    def heartbeat(self, url: str) -> Replica:
+    def heartbeat(self, url: str, load: dict | None = None) -> Replica:
+        """A registered replica says it is alive; it may add its load figures (num_requests_running,
+        num_requests_waiting, kv_cache_usage_perc), used until the next /metrics scrape."""
         try:
             url = normalize_url(url, what="url")
         except ConfigError as e:
@@ -251,6 +256,11 @@ class Registry:
         if r is None:
             raise RegistryError(f"unknown replica {url}; register first", 404)
         r.last_heartbeat = self.clock()
+        for attr, key in (("rep_running", "num_requests_running"), ("rep_waiting", "num_requests_waiting"),
+                          ("rep_kv_usage", "kv_cache_usage_perc")):
+            v = (load or {}).get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0:
+                setattr(r, attr, float(v))
         if not r.healthy or r.down_since is not None:
             r.healthy = True
             r.down_since = None

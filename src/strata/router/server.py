@@ -360,7 +360,8 @@ class Router:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.queue_timeout_s
         timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, sock_connect=self.cfg.connect_timeout_s)
-        for attempt in range(1, self.cfg.max_attempts + 1):
+        attempt = 0
+        while True:
             try:
                 r = await self.acquire(ctx, tried, deadline)
             except NoCapacity as e:
@@ -378,9 +379,13 @@ class Router:
                 self.m_upstream.inc(r.name, r.region, "error")
                 last = _error(502, f"replica {r.name} failed: {type(e).__name__}: {e}", type_="bad_gateway")
             else:
-                if status in RETRY_STATUSES or status in OVERLOAD_STATUSES:
-                    self.release(r, NEUTRAL if status in OVERLOAD_STATUSES else FAIL)
-                    self.m_upstream.inc(r.name, r.region, "overloaded" if status == 429 else "error")
+                if status in OVERLOAD_STATUSES:      # full: wait for it (or another) in the router's queue
+                    self._overloaded(r, up.headers)
+                    last = web.Response(status=status, body=data, headers={"Content-Type": ctype})
+                    continue
+                if status in RETRY_STATUSES:
+                    self.release(r, FAIL)
+                    self.m_upstream.inc(r.name, r.region, "error")
                     last = web.Response(status=status, body=data, headers={"Content-Type": ctype})
                 else:
                     self.release(r, OK if status < 400 or status in (400, 404, 422) else NEUTRAL)
@@ -391,11 +396,23 @@ class Router:
                     return web.Response(status=status, body=data, headers={
                         "Content-Type": ctype, "x-strata-replica": r.name, "x-strata-region": r.region})
             tried.append(r)
-            if attempt < self.cfg.max_attempts:
-                self.m_retries.inc(r.name, r.region)
-                await asyncio.sleep(self._backoff(attempt))
+            attempt += 1
+            if attempt >= self.cfg.max_attempts:
+                break
+            self.m_retries.inc(r.name, r.region)
+            await asyncio.sleep(self._backoff(attempt))
         self._account(ctx, None, last.status, t0)
         return last
+
+    def _overloaded(self, r: Replica, headers) -> None:
+        """A replica answered 429 (its own queue is full): leave it alone for Retry-After (at most 2 s)."""
+        try:
+            wait = float(headers.get("Retry-After", "0.25"))
+        except ValueError:
+            wait = 0.25
+        r.busy_until = time.monotonic() + min(max(wait, 0.05), 2.0)
+        self.release(r, NEUTRAL)
+        self.m_upstream.inc(r.name, r.region, "overloaded")
 
     async def _open_stream(self, ctx, path, data: bytes, headers, tried: list[Replica], deadline,
                            attempts: int):
@@ -404,7 +421,8 @@ class Router:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s,
                                         sock_read=self.cfg.stream_idle_timeout_s)
         last: web.Response | None = None
-        for attempt in range(1, attempts + 1):
+        attempt = 0
+        while True:
             try:
                 r = await self.acquire(ctx, tried, deadline)
             except NoCapacity as e:
@@ -417,9 +435,13 @@ class Router:
                     ctype = up.headers.get("Content-Type", "application/json")
                     up.release()
                     resp = web.Response(status=up.status, body=body, headers={"Content-Type": ctype})
-                    if up.status in RETRY_STATUSES or up.status in OVERLOAD_STATUSES:
-                        self.release(r, NEUTRAL if up.status in OVERLOAD_STATUSES else FAIL)
-                        self.m_upstream.inc(r.name, r.region, "overloaded" if up.status == 429 else "error")
+                    if up.status in OVERLOAD_STATUSES:
+                        self._overloaded(r, up.headers)
+                        last = resp
+                        continue
+                    if up.status in RETRY_STATUSES:
+                        self.release(r, FAIL)
+                        self.m_upstream.inc(r.name, r.region, "error")
                         last = resp
                     else:
                         self.release(r, OK if up.status in (400, 404, 422) else NEUTRAL)
@@ -439,17 +461,19 @@ class Router:
                 self.m_upstream.inc(r.name, r.region, "error")
                 last = _error(502, f"replica {r.name} failed: {type(e).__name__}: {e}", type_="bad_gateway")
             tried.append(r)
-            if attempt < attempts:
-                self.m_retries.inc(r.name, r.region)
-                await asyncio.sleep(self._backoff(attempt))
-        return last
+            attempt += 1
+            if attempt >= attempts:
+                return last
+            self.m_retries.inc(r.name, r.region)
+            await asyncio.sleep(self._backoff(attempt))
 
     async def _stream(self, request, kind, path, body: dict, raw: bytes, ctx: RouteContext, headers, t0):
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         state = StreamState(kind, body)
         tried: list[Replica] = []
-        opened = await self._open_stream(ctx, path, raw, headers, tried, loop.time() + cfg.queue_timeout_s,
+        data = dumps(state.upstream_body()) if state.inject_usage else raw
+        opened = await self._open_stream(ctx, path, data, headers, tried, loop.time() + cfg.queue_timeout_s,
                                          cfg.max_attempts)
         if isinstance(opened, web.Response):
             self._account(ctx, None, opened.status, t0)
@@ -526,7 +550,7 @@ class Router:
                     break
                 tried.append(r)
                 state.begin_segment()
-                opened = await self._open_stream(ctx, path, dumps(cont), headers, tried,
+                opened = await self._open_stream(ctx, path, dumps(state.upstream_body(cont)), headers, tried,
                                                  loop.time() + cfg.queue_timeout_s, cfg.max_attempts)
                 if isinstance(opened, web.Response):
                     self.m_failover_fail.inc("no replica")
@@ -662,7 +686,7 @@ class Router:
         if isinstance(body, web.Response):
             return body
         try:
-            r = self.registry.heartbeat(body["url"])
+            r = self.registry.heartbeat(body["url"], body)
         except RegistryError as e:
             return _error(e.status, str(e), param="url")
         return web.Response(body=dumps({"url": r.url, "ok": True}), content_type="application/json")

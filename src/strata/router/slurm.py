@@ -128,7 +128,7 @@ def render_serve_sbatch(args) -> str:
         "echo \"replica $SLURM_PROCID on $HOST:$PORT (gpus ${CUDA_VISIBLE_DEVICES:-none}) region $STRATA_REGION\"",
         f"exec {serve_cmd} --host \"$HOST\" --port \"$PORT\""
         + (" --tensor-parallel-size \"$STRATA_TP\"" if tp > 1 else "")
-        + " --register-with \"$STRATA_ROUTER_URL\" --region \"$STRATA_REGION\""
+        + " --register-with \"$STRATA_ROUTER_URL\" --region \"$STRATA_REGION\" --router-key \"$STRATA_ROUTER_KEY\""
         + (f" {extra}" if extra else ""),
         "REPLICA",
         "",

@@ -136,6 +136,21 @@ class StreamState:
             self.why_not = "batched prompts"
         elif (body.get("best_of") or 1) > 1 or (body.get("use_beam_search")):
             self.why_not = "best_of / beam search"
+        so = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+        self.client_usage = bool(so.get("include_usage"))
+        self.client_continuous = bool(so.get("continuous_usage_stats"))
+        # ask the replica for per-chunk usage so that the token count (and so the budget of a continuation)
+        # is exact even when one chunk carries several tokens; what the client did not ask for is removed
+        self.inject_usage = self.why_not is None and not self.client_continuous
+
+    def upstream_body(self, body: dict | None = None) -> dict:
+        body = dict(self.body if body is None else body)
+        if self.inject_usage:
+            so = dict(body.get("stream_options") or {})
+            so["include_usage"] = True
+            so["continuous_usage_stats"] = True
+            body["stream_options"] = so
+        return body
 
     @property
     def can_failover(self) -> bool:
@@ -168,6 +183,15 @@ class StreamState:
             self.prompt_token_ids = obj["prompt_token_ids"]
         choices = obj.get("choices") or []
         drop = False
+        modified = False
+        usage = obj.get("usage")
+        if self.inject_usage and usage is not None:
+            if not choices:
+                if not self.client_usage:
+                    return None            # the usage-only chunk the client did not ask for
+            elif not self.client_continuous:
+                obj.pop("usage")
+                modified = True
         for ch in choices:
             if ch.get("index", 0) != 0:
                 continue
@@ -192,10 +216,12 @@ class StreamState:
             self.text += piece
             if ch.get("finish_reason") is not None:
                 self.finish_reason = ch["finish_reason"]
+        if choices and isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            self.tokens = self.segment_tokens_before + usage["completion_tokens"]   # exact, from the replica
         if drop:
             return None
         if first_segment:
-            return sse(payload)
+            return sse(dumps(obj)) if modified else sse(payload)
         # later segments: present them as the original stream
         if self.id is not None:
             obj["id"] = self.id
