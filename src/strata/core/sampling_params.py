@@ -33,6 +33,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0  # lower runs first with the priority policy
+    # What step outputs carry: "cumulative" (full text + deltas every step), "delta" (the same; consumers
+    # read the deltas), "final" (one output when the request finishes: no per-step work).
+    output_kind: str = "cumulative"
     # Filled by the engine from the tokenizer/generation_config, not by users.
     eos_token_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -73,6 +76,8 @@ class SamplingParams:
             bad("min_tokens", f"({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.output_kind not in ("cumulative", "delta", "final"):
+            bad("output_kind", f"must be cumulative, delta or final, got {self.output_kind!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", f"must be an integer, got {self.seed!r}")
         for s in self.stop:

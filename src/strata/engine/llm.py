@@ -32,7 +32,10 @@ class LLM:
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         # Validate everything before enqueueing anything: bad input fails the call, not half of it.
         items = []
+        cache: dict[int, SamplingParams] = {}
         for p, sp in zip(prompts, params):
+            if sp.output_kind != "final":  # offline calls only need the finished outputs
+                sp = cache.setdefault(id(sp), sp.clone(output_kind="final"))
             if isinstance(p, dict):
                 p = p.get("prompt_token_ids", p.get("prompt"))
             items.append((p, sp))
@@ -66,10 +69,11 @@ class LLM:
             bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, file=sys.stderr,
                        disable=not use_tqdm)
         t0 = time.perf_counter()
-        out_toks = 0
+        gen0 = self.engine.generation_tokens_total
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                out_toks += sum(len(c.token_ids_delta) for c in out.outputs)
+            steps_out = self.engine.step()
+            out_toks = self.engine.generation_tokens_total - gen0
+            for out in steps_out:
                 if out.finished:
                     done[out.request_id] = out
                     if bar is not None:

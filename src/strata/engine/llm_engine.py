@@ -54,6 +54,8 @@ class _Child:
         self.sent_text = 0  # characters already reported in deltas
         self.sent_tokens = 0
         self.logprobs: list | None = [] if req.params.logprobs is not None else None
+        # Final-only outputs without stop strings need no incremental text: decode once at the end.
+        self.lazy_text = req.params.output_kind == "final" and not req.params.stop
         self.finish_reason: str | None = None
         self.reported_finish = False
 
@@ -213,6 +215,8 @@ class LLMEngine:
             parent.metrics.last_token_time = now
             touched[parent.request_id] = parent
         for parent in touched.values():
+            if parent.params.output_kind == "final" and not parent.finished:
+                continue
             out = self._make_output(parent)
             outputs.append(out)
             if out.finished:
@@ -222,14 +226,17 @@ class LLMEngine:
     def _process_token(self, child: _Child, req: Request, lp) -> None:
         tok = req.output_token_ids[-1]
         p = req.params
+        if child.lazy_text:
+            if req.is_finished:
+                child.finish_reason = req.status.value
+                child.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+            self._add_logprobs(child, tok, lp)
+            return
         delta = child.detok.add([tok])
-        if child.logprobs is not None and lp is not None:
-            chosen, top = lp
-            entry = {tid: Logprob(v) for tid, v in top}
-            entry[tok] = Logprob(chosen)
-            child.logprobs.append(entry)
+        self._add_logprobs(child, tok, lp)
         if req.is_finished:
             child.finish_reason = req.status.value
+            delta += child.detok.flush()
         prev = len(child.text)
         child.text += delta
         if p.stop:
@@ -248,6 +255,14 @@ class LLMEngine:
                     self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
                 child.finish_reason = "stop"
         child.req = req
+
+    @staticmethod
+    def _add_logprobs(child: _Child, tok: int, lp) -> None:
+        if child.logprobs is not None and lp is not None:
+            chosen, top = lp
+            entry = {tid: Logprob(v) for tid, v in top}
+            entry[tok] = Logprob(chosen)
+            child.logprobs.append(entry)
 
     def _make_output(self, parent: _Parent) -> RequestOutput:
         outs = []

@@ -103,7 +103,9 @@ class Scheduler:
             if n <= 0:
                 continue
             ok = True
-            while not self.kv.allocate_slots(req, n):
+            # fast path: a decode whose last block still has room needs no allocation
+            fits = req.num_computed_tokens + n <= len(req.block_ids) * self.kv.block_size
+            while not fits and not self.kv.allocate_slots(req, n):
                 victim = self._victim()
                 for j, c in enumerate(plan.chunks):  # (priority policy) victim already scheduled
                     if c.request is victim:
