@@ -7,7 +7,7 @@ On a CUDA GPU it measures
   * every Triton kernel at the reference model's sizes (Qwen3-4B: 32 q heads, 8 kv heads, head_dim 128,
     hidden 2560, intermediate 9728, bf16, block_size 16): achieved GB/s (memory-bound kernels) or TFLOP/s
     (prefill attention) and the fraction of the matching ceiling; the torch twin's time beside it;
-  * a config sweep of paged decode attention (split-KV partition, tile, warps, stages) at batch 64 x 2k;
+  * a config sweep of paged decode attention (split-KV factor, tile, warps, stages) at batch 64 x 2k;
   * parity of every kernel against its twin at those sizes (relative Frobenius error, max abs error).
 Times are triton.testing.do_bench medians (L2 flushed before each call). Prints a table; writes JSON.
 """
@@ -146,10 +146,10 @@ def run_kernels(tk, ref, ceil: dict, quick: bool) -> list[dict]:
                                                            (32, 8192)]
     for B, ctx in decode_shapes:
         args, nbytes = decode_case(B, ctx)
-        part = tk.decode_attention.choose_partition(B, KVH, ctx, args[0].device)
+        part = tk.decode_attention.choose_num_splits(B, KVH, args[0].device, ctx)
         twin = (lambda a=args: ref.paged_decode_attention(*a)) if B * ctx <= 64 * 2048 else None
-        mem_row("paged_decode_attention", f"B={B} ctx={ctx} (split {part or 'off'})",
-                lambda a=args: tk.paged_decode_attention(*a), twin, nbytes, {"partition": part})
+        mem_row("paged_decode_attention", f"B={B} ctx={ctx} (splits {part})",
+                lambda a=args: tk.paged_decode_attention(*a), twin, nbytes, {"num_splits": part})
         del args
         torch.cuda.empty_cache()
 
@@ -205,11 +205,11 @@ def run_kernels(tk, ref, ceil: dict, quick: bool) -> list[dict]:
 
 
 def decode_sweep(tk, ceil: dict, quick: bool) -> list[dict]:
-    """Every (partition, tile, warps, stages) config of decode attention at batch 64 x 2k context."""
+    """Every (num_splits, tile, warps, stages) config of decode attention at batch 64 x 2k context."""
     B, ctx = 64, 2048
     args, nbytes = decode_case(B, ctx)
     out = []
-    parts = [0, 256, 512, 1024] if quick else [0, 256, 512, 704, 1024]
+    parts = [1, 2, 4, 8] if quick else [1, 2, 3, 4, 6, 8]
     tiles = [64] if quick else [32, 64, 128]
     warps = [4] if quick else [4, 8]
     stages = [2, 3] if quick else [1, 2, 3]
@@ -217,23 +217,23 @@ def decode_sweep(tk, ceil: dict, quick: bool) -> list[dict]:
         for t in tiles:
             for w in warps:
                 for s in stages:
-                    fn = lambda: tk.paged_decode_attention(*args, partition_size=p, tile=t, num_warps=w,
+                    fn = lambda: tk.paged_decode_attention(*args, num_splits=p, tile=t, num_warps=w,
                                                            num_stages=s)
                     try:
                         fn()
                         torch.cuda.synchronize()
                         ms = bench_ms(fn, warmup=10, rep=50)
                     except Exception as exc:  # e.g. out of shared memory for a big tile x stages
-                        out.append({"partition": p, "tile": t, "num_warps": w, "num_stages": s,
+                        out.append({"num_splits": p, "tile": t, "num_warps": w, "num_stages": s,
                                     "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
                         continue
                     gbs = nbytes / (ms * 1e-3) / 1e9
-                    out.append({"partition": p, "tile": t, "num_warps": w, "num_stages": s, "ms": ms,
+                    out.append({"num_splits": p, "tile": t, "num_warps": w, "num_stages": s, "ms": ms,
                                 "GBps": gbs, "fraction_of_copy_bw": gbs / ceil["copy_GBps"]})
     ok = sorted((r for r in out if "ms" in r), key=lambda r: r["ms"])
     print(f"  decode sweep B={B} ctx={ctx}: {len(ok)} configs ran; best 5:")
     for r in ok[:5]:
-        print(f"    partition {r['partition']:>5} tile {r['tile']:>4} warps {r['num_warps']} stages "
+        print(f"    splits {r['num_splits']:>2} tile {r['tile']:>4} warps {r['num_warps']} stages "
               f"{r['num_stages']}: {r['ms'] * 1e3:7.1f} us {r['GBps']:7.0f} GB/s "
               f"{100 * r['fraction_of_copy_bw']:5.1f}%")
     bad = [r for r in out if "error" in r]
@@ -253,14 +253,14 @@ def parity(tk, ref) -> list[dict]:
         print(f"  {name:<26} {shape:<34} rel {re_:.2e} max {mx:.2e} {'ok' if re_ <= tol else 'FAIL'}")
 
     torch.manual_seed(0)
-    for B, ctx, part in [(64, 2048, None), (64, 2048, 0), (7, 3000, 256), (3, 17, None)]:
+    for B, ctx, part in [(64, 2048, None), (64, 2048, 1), (7, 3000, 5), (3, 17, None)]:
         args, _ = decode_case(B, ctx)
         B, ctx = args[0].shape[0], args[6]
         lens = torch.randint(1, ctx + 1, (B,), dtype=torch.int32, device=DEVICE)  # ragged
         lens[0] = ctx
         a = args[:4] + (lens, args[5], ctx)
-        add("paged_decode_attention", f"B={B} ctx<={ctx} part={part}",
-            tk.paged_decode_attention(*a, partition_size=part), ref.paged_decode_attention(*a), 2e-2)
+        add("paged_decode_attention", f"B={B} ctx<={ctx} splits={part}",
+            tk.paged_decode_attention(*a, num_splits=part), ref.paged_decode_attention(*a), 2e-2)
     for dt in (torch.float32,):
         args, _ = decode_case(5, 700)
         a = tuple(x.to(dt) if torch.is_tensor(x) and x.is_floating_point() else x for x in args)
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
     best = ok_sweep[0] if ok_sweep else None
     print(f"decode attention B=64 x 2k, default config: {100 * target['fraction_of_copy_bw']:.1f}% of copy "
           f"bandwidth (target >= 75%)"
-          + (f"; best swept config {100 * best['fraction_of_copy_bw']:.1f}% (partition {best['partition']}, "
+          + (f"; best swept config {100 * best['fraction_of_copy_bw']:.1f}% (splits {best['num_splits']}, "
              f"tile {best['tile']}, warps {best['num_warps']}, stages {best['num_stages']})" if best else ""))
     result = {
         "benchmark": "kernels",
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
         "decode_sweep_best": best,
         "decode_defaults": {"tile": tk.decode_attention.DEFAULT_TILE, "num_warps": tk.decode_attention.DEFAULT_WARPS,
                             "num_stages": tk.decode_attention.DEFAULT_STAGES,
-                            "partition_at_64x2048": target.get("partition")},
+                            "num_splits_at_64x2048": target.get("num_splits")},
         "parity": par,
         "parity_all_ok": all(p["ok"] for p in par),
         "decode_target_fraction": 0.75,

@@ -134,10 +134,15 @@ def test_reshape_and_cache_strided_input():
 DECODE_LENS = [1, 15, 16, 17, 33, 64, 100]  # on and across block (16) and tile boundaries
 
 
+# one program per (seq, kv head); fixed 32-token pieces; each sequence cut in up to 3 by its own length
+SPLIT_MODES = {"nosplit": dict(num_splits=1), "fixed32": dict(partition_size=32),
+               "per_seq3": dict(num_splits=3, min_partition=16)}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("partition", [0, 32])  # 0: one program per (seq, kv head); 32: split-KV forced on
-def test_paged_decode_attention(dtype, group, partition):
+@pytest.mark.parametrize("split", list(SPLIT_MODES))
+def test_paged_decode_attention(dtype, group, split):
     kvh, d = 2, 32
     H = kvh * group
     lens = torch.tensor(DECODE_LENS, dtype=torch.int32)
@@ -148,14 +153,14 @@ def test_paged_decode_attention(dtype, group, partition):
     scale = d ** -0.5
     expected = ref.paged_decode_attention(q, kc, vc, bt, lens, scale)
     with poisoned_empty():
-        out = tk.paged_decode_attention(q, kc, vc, bt, lens, scale, partition_size=partition, tile=16)
+        out = tk.paged_decode_attention(q, kc, vc, bt, lens, scale, tile=16, **SPLIT_MODES[split])
     assert out.dtype == dtype
     assert_close(out, expected, dtype)
 
 
 def test_paged_decode_attention_defaults_and_max_seq_len():
-    # Default heuristics (which split on the interpreter's assumed 132 SMs), tile 64, head_dim 64, and an
-    # upper-bound max_seq_len (as a CUDA-graph caller passes) larger than every length.
+    # Default heuristics (which split on the interpreter's assumed 132 SMs), tile 64, head_dim 64, with and
+    # without an upper-bound max_seq_len (as a CUDA-graph caller passes) larger than every length.
     kvh, group, d = 2, 4, 64
     lens_list = [300, 5, 257, 16]
     lens = torch.tensor(lens_list, dtype=torch.int32)
@@ -164,16 +169,17 @@ def test_paged_decode_attention_defaults_and_max_seq_len():
     bt = rand_block_tables(lens_list, nb)
     q = torch.randn(len(lens_list), kvh * group, d)
     expected = ref.paged_decode_attention(q, kc, vc, bt, lens, 0.125)
-    assert tk.decode_attention.choose_partition(len(lens_list), kvh, 512, q.device) > 0
-    with poisoned_empty():
-        out = tk.paged_decode_attention(q, kc, vc, bt, lens, 0.125, max_seq_len=512)
-    assert_close(out, expected, torch.float32)
+    assert tk.decode_attention.choose_num_splits(len(lens_list), kvh, q.device) > 1
+    for bound in (512, None):
+        with poisoned_empty():
+            out = tk.paged_decode_attention(q, kc, vc, bt, lens, 0.125, max_seq_len=bound)
+        assert_close(out, expected, torch.float32)
     with poisoned_empty():
         out = tk.paged_decode_attention(q, kc, vc, bt, lens, 0.125, partition_size=0)
     assert_close(out, expected, torch.float32)
-    # Many small partitions: up to 19 per sequence, merged by stage 2 in more than one chunk.
+    # Many small partitions: up to 19 per sequence, merged by stage 2 in more than one chunk (of 16).
     with poisoned_empty():
-        out = tk.paged_decode_attention(q, kc, vc, bt, lens, 0.125, max_seq_len=512, partition_size=16, tile=16)
+        out = tk.paged_decode_attention(q, kc, vc, bt, lens, 0.125, max_seq_len=300, partition_size=16, tile=16)
     assert_close(out, expected, torch.float32)
 
 

@@ -9,6 +9,10 @@ Softmax is online (base 2), accumulation in fp32.
 Without split (one partition per sequence) stage 1 writes the output. With split, it writes the normalised
 partial output and its log-sum-exp per partition ([B, H, S, d] fp32, [B, H, S]), and stage 2 merges them.
 Split-KV is what keeps enough programs in flight when B * kvh is small next to the number of SMs.
+
+Each sequence is cut by its own length: partition_b = max(min_part, roundup(cdiv(seq_len_b, S), TILE)),
+so S (chosen from B alone) needs neither max_seq_len nor a device sync, a CUDA graph captured for a batch
+size does the same work as eager at every context length, and no programs are launched only to exit.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import triton.language as tl
 from strata.ops.triton_kernels._utils import dot_precision, interpreting, mm, next_pow2, num_sms
 
 _LOG2E = 1.4426950408889634
+MIN_PARTITION = 256  # never split a context into pieces shorter than this (tokens)
+MAX_SPLITS = 64
 # Launch defaults, chosen without a GPU at hand: benchmarks/kernels.py sweeps them (and the split size) at
 # batch 64 x 2k context; move these to its best row.
 DEFAULT_TILE = 64
@@ -28,10 +34,15 @@ DEFAULT_STAGES = 2
 
 
 @triton.jit
+def _partition_len(seq_len, num_splits, min_part, TILE: tl.constexpr):
+    return tl.maximum(min_part, tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE)
+
+
+@triton.jit
 def _decode_stage1_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     qk_scale,                                   # softmax scale * log2(e)
-    partition,                                  # tokens per split (runtime: it follows the context length)
+    num_splits, min_part,                       # S (grid axis 2) and the shortest partition, see above
     s_qb, s_qh, s_ob, s_oh,                     # q / out: [B, H, d], last dim contiguous
     s_cb, s_cs, s_ch,                           # caches: [num_blocks, block_size, kvh, d], same strides
     s_btb,                                      # block_tables row stride
@@ -46,10 +57,11 @@ def _decode_stage1_kernel(
     sp = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     if SPLIT:
-        start = sp * partition
+        part = _partition_len(seq_len, num_splits, min_part, TILE)
+        start = sp * part
         if start >= seq_len:
             return  # stage 2 only reads the partitions that hold tokens
-        end = tl.minimum(seq_len, start + partition)
+        end = tl.minimum(seq_len, start + part)
     else:
         start = 0
         end = seq_len
@@ -102,15 +114,15 @@ def _decode_stage1_kernel(
 
 @triton.jit
 def _decode_stage2_kernel(
-    part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, partition,
+    part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, num_splits, min_part,
     s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
-    CHUNK: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
+    CHUNK: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, TILE: tl.constexpr,
 ):
     """Merge the partitions of one (sequence, head): only those holding tokens, CHUNK at a time."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
-    n = tl.cdiv(seq_len, partition)
+    n = tl.cdiv(seq_len, _partition_len(seq_len, num_splits, min_part, TILE))
     c = tl.arange(0, CHUNK)
     d = tl.arange(0, D_P2)
     lse_row = part_lse_ptr + b * s_lb + h * s_lh
@@ -135,34 +147,39 @@ def _decode_stage2_kernel(
     tl.store(out_ptr + b * s_ob + h * s_oh + d, (acc / total).to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def choose_partition(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
-                     tile: int = DEFAULT_TILE) -> int:
-    """Tokens per split-KV partition, 0 for no split.
+def choose_num_splits(batch: int, num_kv_heads: int, device: torch.device,
+                      max_seq_len: int | None = None) -> int:
+    """Split-KV factor S (1 = no split), from the batch alone.
 
-    Split when B * kvh programs alone would leave the GPU short of programs in flight (fewer than ~8 per SM),
-    into as many partitions as close that gap, never shorter than 256 tokens.
+    Split when B * kvh programs would leave the GPU short of programs in flight (fewer than ~8 per SM), by
+    as much as closes that gap (at most MAX_SPLITS). A max_seq_len, when given, only caps S so that no
+    partition falls below MIN_PARTITION tokens.
     """
     base = batch * num_kv_heads
     target = 8 * num_sms(device)
-    if base >= target or max_seq_len <= 256:
-        return 0
-    splits = min(triton.cdiv(target, base), triton.cdiv(max_seq_len, 256))
-    if splits <= 1:
-        return 0
-    return triton.cdiv(triton.cdiv(max_seq_len, splits), tile) * tile
+    if base >= target:
+        return 1
+    s = min(triton.cdiv(target, base), MAX_SPLITS)
+    if max_seq_len is not None:
+        s = min(s, triton.cdiv(int(max_seq_len), MIN_PARTITION))
+    return max(s, 1)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           max_seq_len: int | None = None, *, partition_size: int | None = None,
+                           max_seq_len: int | None = None, *, num_splits: int | None = None,
+                           min_partition: int | None = None, partition_size: int | None = None,
                            tile: int | None = None, num_warps: int | None = None,
                            num_stages: int | None = None) -> torch.Tensor:
     """q: [B, H, d]; caches [num_blocks, block_size, kvh, d]; block_tables [B, max_blocks] int32;
     seq_lens [B] (context including the query token). Returns [B, H, d] in q's dtype.
 
-    Keyword-only knobs (the dispatcher never passes them): partition_size None = heuristic, 0 = no split,
-    else tokens per partition (rounded up to a multiple of `tile`); tile = tokens per inner step (>= 16).
-    Pass max_seq_len to avoid a device sync (e.g. under CUDA graphs: an upper bound is fine).
+    No device sync: max_seq_len is optional and, when given, only lets short batches skip the split.
+
+    Keyword-only knobs (the dispatcher never passes them): num_splits (None = choose_num_splits, 1 = no split,
+    S = each sequence cut into up to S pieces of at least min_partition tokens, default MIN_PARTITION);
+    partition_size (fixed tokens per piece, rounded up to a multiple of `tile`; 0 = no split; this one reads
+    max_seq_len or syncs on seq_lens.max()); tile = tokens per inner step (power of two >= 16).
     """
     B, H, D = q.shape
     nb, bs, kvh, dk = k_cache.shape
@@ -180,16 +197,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_warps = int(num_warps or DEFAULT_WARPS)
     num_stages = int(num_stages or DEFAULT_STAGES)
     assert tile >= 16 and tile & (tile - 1) == 0, "tile must be a power of two >= 16"
-    L = int(max_seq_len) if max_seq_len is not None else int(seq_lens.max())
-    L = max(L, 1)
-    if partition_size is None:
-        partition = choose_partition(B, kvh, L, q.device, tile)
+    if partition_size is not None:
+        if partition_size > 0:
+            # S pieces of exactly min_part: cdiv(len, S) <= min_part for every len <= L.
+            L = max(1, int(max_seq_len) if max_seq_len is not None else int(seq_lens.max()))
+            min_part = triton.cdiv(int(partition_size), tile) * tile
+            num_splits = triton.cdiv(L, min_part)
+        else:
+            num_splits = 1
     else:
-        partition = triton.cdiv(int(partition_size), tile) * tile if partition_size else 0
-    split = partition > 0 and partition < L
-    num_splits = triton.cdiv(L, partition) if split else 1
+        if num_splits is None:
+            num_splits = choose_num_splits(B, kvh, q.device, max_seq_len)
+        min_part = int(min_partition or MIN_PARTITION)
+    num_splits = int(num_splits)
+    split = num_splits > 1
     if not split:
-        partition = 0
+        min_part = 0
     D_P2 = next_pow2(D)
     G_P2 = max(16, next_pow2(G))
     qk_scale = float(scale) * _LOG2E
@@ -200,7 +223,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_o = out  # unused
         part_lse = out
     _decode_stage1_kernel[(B, kvh, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse, qk_scale, partition,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse, qk_scale, num_splits, min_part,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2) if split else 0,
@@ -210,9 +233,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     )
     if split:
         _decode_stage2_kernel[(B, H)](
-            part_o, part_lse, seq_lens, out, partition,
+            part_o, part_lse, seq_lens, out, num_splits, min_part,
             part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
-            CHUNK=min(16, next_pow2(num_splits)), D=D, D_P2=D_P2, num_warps=2,
+            CHUNK=min(16, next_pow2(num_splits)), D=D, D_P2=D_P2, TILE=tile, num_warps=2,
         )
     return out
