@@ -2,7 +2,7 @@
 
 Requests arrive as a Poisson process at `--request-rate` (or a gamma process with `--burstiness`; `inf`
 sends all at once), optionally capped at `--max-concurrency` in flight. Every request streams; per request
-we record TTFT (first non-empty text), the gaps between text chunks (inter-token latency, ITL), time per
+we record TTFT (first chunk carrying tokens), the gaps between such chunks (inter-token latency, ITL), time per
 output token after the first (TPOT) and end-to-end latency; output tokens come from the server's usage
 (`stream_options.include_usage`) when it reports them, else from the chunk count.
 
@@ -154,10 +154,16 @@ async def _one(client, args, model: str, p: Prompt) -> Result:
                     res.output_tokens = obj["usage"].get("completion_tokens", 0)
                     if not res.prompt_len:
                         res.prompt_len = obj["usage"].get("prompt_tokens", 0)
-                text = ""
+                # a token arrival: a choice with text (completions) or content (chat), even empty (the
+                # server may hold text back, e.g. an incomplete UTF-8 character); not chat's role chunk
+                got = False
                 for c in obj.get("choices") or []:
-                    text += c.get("text") or (c.get("delta") or {}).get("content") or ""
-                if text:
+                    d = c.get("delta")
+                    if d is None:
+                        got |= c.get("text") is not None and (c.get("text") != "" or c.get("finish_reason") is None)
+                    elif "role" not in d:
+                        got |= d.get("content") is not None
+                if got:
                     now = time.perf_counter()
                     if last is None:
                         res.ttft = now - t0

@@ -98,9 +98,9 @@ async def chat_stream(state: ServerState, p: PreparedChat, sub: Submitted) -> As
                     continue
                 gen_tokens += len(c.token_ids_delta)
                 finished = c.finish_reason is not None
-                if not c.text_delta and not finished and not c.logprobs_delta:
-                    continue
-                delta = {"content": c.text_delta} if c.text_delta else {}
+                if not c.text_delta and not finished and not c.token_ids_delta:
+                    continue  # a chunk per output that carries tokens, even when their text is held back
+                delta = {"content": c.text_delta} if (c.text_delta or c.token_ids_delta) else {}
                 lp = None
                 if p.params.logprobs is not None:
                     lp = chat_logprobs(state.tokenizer, c.token_ids_delta, c.logprobs_delta or [], p.top_n)

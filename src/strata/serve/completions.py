@@ -98,8 +98,8 @@ async def completion_stream(state: ServerState, p: PreparedCompletion, sub: Subm
                 if p.req.echo and not sent_first[idx]:
                     text = p.echo_text(state, i) + text
                 finished = c.finish_reason is not None
-                if not text and not finished and not c.logprobs_delta:
-                    continue
+                if not text and not finished and not c.token_ids_delta:
+                    continue  # a chunk per output that carries tokens, even when their text is held back
                 sent_first[idx] = True
                 lp = None
                 if p.params.logprobs is not None:
