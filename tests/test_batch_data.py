@@ -288,6 +288,21 @@ def test_openai_batch_format(tmp_path):
     assert len(read_rows(out)) == 8
 
 
+def test_fail_fast_on_a_misconfigured_job(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"body": f"t{i}"}) + "\n" for i in range(300)))
+    out = tmp_path / "out.jsonl"
+    assert run(["--input", str(inp), "--output", str(out)]) == 2  # no "text" field anywhere
+    assert not out.exists() or out.read_text() == ""
+    assert run(["--input", str(inp), "--output", str(out), "--text-field", "body"]) == 0
+    assert len(read_rows(out)) == 300
+    # a small input whose rows all fail is written out as error rows
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"body": f"t{i}"}) + "\n" for i in range(5)))
+    assert run(["--input", str(small), "--output", str(tmp_path / "s.jsonl")]) == 1
+    assert len(read_rows(tmp_path / "s.jsonl")) == 5
+
+
 # ---------------------------------------------------------------- resume
 
 def test_resume_drops_torn_line_and_skips_done(tmp_path):

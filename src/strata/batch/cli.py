@@ -94,6 +94,9 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add(g, "--retry-errors", action="store_true", default=False, help="redo the rows that are error rows in the output")
     add(g, "--max-in-flight", type=int, default=None,
         help="requests in the engine at once (default: 2 x --max-num-seqs); memory stays bounded by it")
+    add(g, "--fail-fast", type=int, default=100, metavar="N",
+        help="stop, writing nothing, when the first N rows all fail before reaching the model (a wrong "
+             "--text-field...); 0: never (default 100)")
     add(g, "--progress", default="auto", choices=["auto", "bar", "log", "none"],
         help="bar on a terminal, else log lines (default)")
     add(g, "--log-interval", type=float, default=10.0, help="seconds between progress log lines")
@@ -266,7 +269,8 @@ def run_batch(args: argparse.Namespace, *, engine_factory=None, engine: Any = No
     try:
         with RowWriter(out_path, overwrite=args.overwrite) as writer:
             run_jobs(engine, items, writer, model_name=model_name, max_in_flight=max_in_flight,
-                     queue_size=min(max_in_flight, 256), progress=progress, summary=summary, stop=stop)
+                     queue_size=min(max_in_flight, 256), progress=progress, summary=summary, stop=stop,
+                     fail_fast=args.fail_fast)
     finally:
         stop.restore()
         if progress is not None:

@@ -422,9 +422,13 @@ def _check_messages(v: Any, name: str, openai: bool = False) -> list[dict]:
     return out
 
 
+# Batch rows need only each request's final output: no per-step detokenization or output objects.
+_FINAL = {"output_kind": "final"} if "output_kind" in SamplingParams.__dataclass_fields__ else {}
+
+
 def _sampling(kw: dict) -> SamplingParams:
     try:
-        return SamplingParams(**kw)
+        return SamplingParams(**kw, **_FINAL)
     except ParameterError as e:
         raise RowErrorExc("invalid_parameter", str(e), param=e.param) from e
     except (TypeError, ValueError) as e:

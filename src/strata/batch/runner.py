@@ -14,6 +14,7 @@ raw record, so a rank does not even parse the other ranks' JSONL lines.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import signal
@@ -112,6 +113,10 @@ def select_items(records: Iterable[Record], builder: JobBuilder, *, rank: int = 
 _END = object()
 
 
+class FailFast(Exception):
+    pass
+
+
 class Prefetcher:
     """Runs an iterator in a thread into a bounded queue. Items travel in small chunks (fewer lock round
     trips), flushed early whenever the consumer has run dry. Exceptions are re-raised by `get`."""
@@ -203,8 +208,34 @@ class StopFlag:
 
 def run_jobs(engine: EngineLike, items: Iterable[Job | ErrorItem], writer: RowWriter, *, model_name: str,
              max_in_flight: int = 512, queue_size: int = 256, progress: Progress | None = None,
-             summary: Summary | None = None, stop: StopFlag | None = None, prefetch: bool = True) -> Summary:
+             summary: Summary | None = None, stop: StopFlag | None = None, prefetch: bool = True,
+             fail_fast: int = 100) -> Summary:
+    """Feed `items` to the engine, at most `max_in_flight` at a time, writing one row per item.
+
+    `fail_fast`: when that many rows in a row fail before any reaches the engine (a wrong --text-field,
+    not the format that was meant...), stop without writing them, so that a corrected rerun does not
+    find them "done" (0: never)."""
     s = summary or Summary()
+    held: list[dict] = []  # error rows kept back until a first row reaches the engine
+    accepted = 0
+
+    def write_error(row: dict) -> None:
+        s.errors += 1
+        if fail_fast and not accepted:
+            held.append(row)
+            if len(held) >= fail_fast:
+                errs = [r.get("error") or ((r.get("response") or {}).get("body") or {}).get("error") or {} for r in held]
+                msgs = collections.Counter(e.get("message", "?") for e in errs).most_common(1)[0][0]
+                raise FailFast(f"the first {len(held)} rows all failed before reaching the model, e.g. {msgs!r}; "
+                               f"check --input-format/--text-field/--id-field (nothing was written)")
+        else:
+            writer.write(row)
+
+    def flush_held() -> None:
+        for row in held:
+            writer.write(row)
+        held.clear()
+
     t0 = time.monotonic()
     src: Any = Prefetcher(iter(items), queue_size) if prefetch else None
     it = None if prefetch else iter(items)
@@ -244,8 +275,7 @@ def run_jobs(engine: EngineLike, items: Iterable[Job | ErrorItem], writer: RowWr
                     src_done = True
                     break
                 if isinstance(item, ErrorItem):
-                    writer.write(error_row(item))
-                    s.errors += 1
+                    write_error(error_row(item))
                     continue
                 rid = str(seq)
                 seq += 1
@@ -253,10 +283,12 @@ def run_jobs(engine: EngineLike, items: Iterable[Job | ErrorItem], writer: RowWr
                     engine.add_request(rid, item.prompt_ids, item.params)
                 except ParameterError as e:  # includes PromptTooLongError
                     etype = "prompt_too_long" if type(e).__name__ == "PromptTooLongError" else "invalid_parameter"
-                    writer.write(job_error_row(item, RowError(etype, str(e)), 400, getattr(e, "param", None)))
-                    s.errors += 1
+                    write_error(job_error_row(item, RowError(etype, str(e)), 400, getattr(e, "param", None)))
                     continue
                 pending[rid] = item
+                if not accepted:
+                    accepted = 1
+                    flush_held()
             if not pending:
                 if src_done or (stop is not None and stop.set):
                     if stop is not None and stop.set:
@@ -285,7 +317,13 @@ def run_jobs(engine: EngineLike, items: Iterable[Job | ErrorItem], writer: RowWr
             tick()
     except KeyboardInterrupt:
         s.interrupted = True
+    except FailFast as e:
+        s.errors -= len(held)
+        held.clear()
+        s.fatal = str(e)
     finally:
+        if held and not s.fatal:
+            flush_held()
         if pending:
             try:
                 engine.abort_request(list(pending))
@@ -300,6 +338,6 @@ def run_jobs(engine: EngineLike, items: Iterable[Job | ErrorItem], writer: RowWr
             src.close()
         s.elapsed = time.monotonic() - t0
         tick(force=True)
-    if src_exc is not None:
+    if src_exc is not None and not s.fatal:
         s.fatal = f"{type(src_exc).__name__}: {src_exc}"
     return s
