@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 FAKE = HERE / "fake_replica.py"
 REPLICA_CMD = os.environ.get("STRATA_TEST_REPLICA_CMD")
 USING_FAKE = not REPLICA_CMD
+START_TIMEOUT = float(os.environ.get("STRATA_TEST_REPLICA_START_TIMEOUT", "30" if not REPLICA_CMD else "300"))
 needs_fake = pytest.mark.skipif(not USING_FAKE, reason="needs the fake replica's fault injection")
 ROUTER_KEY = "test-router-key"
 
@@ -111,7 +112,8 @@ class Proc:
 class ReplicaProc(Proc):
     def __init__(self, tmp: Path, *, host: str = "127.0.0.1", port: int | None = None, region: str | None = None,
                  register_with: str | None = None, fake_args: list[str] | None = None,
-                 prefix: list[str] | None = None, advertise: str | None = None):
+                 prefix: list[str] | None = None, advertise: str | None = None, real_args: list[str] | None = None):
+        self.real_args = real_args or []
         self.host = host
         self.port = port or free_port()
         self.region = region
@@ -131,7 +133,7 @@ class ReplicaProc(Proc):
 
     def _argv(self) -> list[str]:
         if REPLICA_CMD:
-            argv = shlex.split(REPLICA_CMD.format(host=self.host, port=self.port))
+            argv = shlex.split(REPLICA_CMD.format(host=self.host, port=self.port)) + self.real_args
         else:
             argv = [sys.executable, str(FAKE), "--host", self.host, "--port", str(self.port), *self.fake_args]
             if self.advertise:
@@ -143,7 +145,7 @@ class ReplicaProc(Proc):
             argv += ["--router-key", ROUTER_KEY]
         return argv
 
-    def wait_ready(self, timeout: float = 30.0) -> "ReplicaProc":
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> "ReplicaProc":
         if not self.prefix:
             wait_http(self.url + "/health", timeout, proc=self.p)
         return self
