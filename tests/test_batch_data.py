@@ -352,6 +352,38 @@ def test_sigkill_at_random_moments_every_id_once(tmp_path):
     assert len(counts) == n and set(counts.values()) == {1}
 
 
+def test_sigterm_stops_cleanly_and_resumes(tmp_path):
+    """SIGTERM (a Slurm time limit) ends the run after the current step with status 143; in-flight rows are
+    not written and the rerun completes the job."""
+    n = 400
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(n)))
+    out = tmp_path / "out.jsonl"
+    script = textwrap.dedent(f"""
+        import sys; sys.path[:0] = [{HERE!r}, {SRC!r}]
+        from test_batch_data import EchoEngine, batch_args
+        from strata.batch.cli import run_batch
+        args = batch_args("--input", {str(inp)!r}, "--output", {str(out)!r}, "--progress", "none")
+        sys.exit(run_batch(args, engine=EchoEngine(per_step=2, delay=0.01)))
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    while not out.exists() or out.stat().st_size == 0:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert "INTERRUPTED" in err
+    partial = read_rows(out)
+    assert 0 < len(partial) < n
+    assert subprocess.run([sys.executable, "-c", script], stderr=subprocess.DEVNULL, timeout=60).returncode == 0
+    assert sorted(r["id"] for r in read_rows(out)) == list(range(n))
+
+
+def test_missing_input_fails_before_loading_a_model(tmp_path):
+    from strata.cli import main
+    assert main(["batch", "--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o.jsonl")]) == 2
+
+
 def test_constant_memory_on_large_input(tmp_path):
     """Peak RSS does not grow with the number of rows (bounded window + streaming reader + streaming writer)."""
     small, large = tmp_path / "small.jsonl", tmp_path / "large.jsonl"
@@ -475,6 +507,11 @@ def test_progress_log_lines():
     p.update(4, 1, 2, 400, force=True)
     line = s.getvalue()
     assert "6/10 rows (60.0%)" in line and "1 errors" in line and "output tok/s" in line and "ETA" in line
+    bar = io.StringIO()
+    p = Progress(total=lambda: 10, mode="bar", stream=bar)
+    p.update(4, 1, 2, 400, force=True)
+    p.close()
+    assert "6/10" in bar.getvalue() and "tok/s" in bar.getvalue()
 
 
 def test_slurm_script(tmp_path):

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any
 
+from strata.core.errors import StrataError
+
 log = logging.getLogger("strata.batch")
 
 SEED_SYSTEM_PROMPT = ("The user will supply a post from an online newsgroup. "
@@ -195,7 +197,7 @@ def run_batch_cli(args: argparse.Namespace) -> int:
             from strata.batch.dp import launch
             return launch(args, rank, world)
         return run_batch(args, engine_factory=make_engine)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, StrataError) as e:
         print(f"strata batch: error: {e}", file=sys.stderr)
         return EXIT_FATAL
 
@@ -209,8 +211,15 @@ def run_batch(args: argparse.Namespace, *, engine_factory=None, engine: Any = No
     from strata.batch.runner import Counters, StopFlag, Summary, run_jobs, select_items
     from strata.batch.sharding import detect_rank, rank_output_path, shard_size
 
+    from strata.batch.readers import SHAREGPT, sharegpt_path
+
     apply_defaults(args)
     rank, world, rank_src = detect_rank(args.rank, args.world_size)
+    # Input problems are reported before the model is loaded.
+    if args.input == SHAREGPT:
+        sharegpt_path()
+    elif args.input != "-" and not os.path.exists(args.input):
+        raise FileNotFoundError(f"input {args.input} does not exist")
     fmt = args.input_format
     mode = "plain"
     if fmt == "openai":

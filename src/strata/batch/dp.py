@@ -200,8 +200,9 @@ def child_main() -> int:
 
     _setup_logging()
     args = argparse.Namespace(**json.loads(os.environ["STRATA_BATCH_ARGS"]))
+    from strata.core.errors import StrataError
     try:
         return run_batch(args, engine_factory=make_engine)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, StrataError) as e:
         print(f"strata batch (rank {os.environ.get('RANK')}): error: {e}", file=sys.stderr)
         return 2
