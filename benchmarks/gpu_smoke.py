@@ -69,6 +69,7 @@ def ref_model_dir(tok_dir):
 def throughput(llm, reqs, label):
     from strata import SamplingParams
     ps = [SamplingParams(max_tokens=r["output_len"], temperature=0, ignore_eos=True) for r in reqs]
+    llm.engine.runner.step_stats.clear()
     torch.cuda.synchronize()
     t = time.perf_counter()
     outs = llm.generate([r["prompt_ids"] for r in reqs], ps, use_tqdm=False)
@@ -77,7 +78,8 @@ def throughput(llm, reqs, label):
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = sum(len(r["prompt_ids"]) for r in reqs)
     r = {"workload": label, "seconds": round(dt, 3), "requests": len(reqs), "output_tokens": n_out,
-         "output_tok_s": round(n_out / dt, 1), "total_tok_s": round((n_out + n_in) / dt, 1)}
+         "output_tok_s": round(n_out / dt, 1), "total_tok_s": round((n_out + n_in) / dt, 1),
+         "steps": {k: {"n": v[0], "s": round(v[1], 3), "tokens": v[2]} for k, v in llm.engine.runner.step_stats.items()}}
     log(r)
     return r
 

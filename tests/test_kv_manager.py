@@ -61,14 +61,16 @@ def test_lru_eviction_prefers_least_recent():
     max_seqs=st.integers(1, 6),
     aborts=st.lists(st.integers(0, 11), max_size=3),
     policy=st.sampled_from(["fcfs", "priority"]),
+    admit=st.sampled_from([(1, 0), (3, 2), (8, 5)]),
 )
-def test_scheduler_random_streams(num_blocks, reqs, budget, max_seqs, aborts, policy):
+def test_scheduler_random_streams(num_blocks, reqs, budget, max_seqs, aborts, policy, admit):
     """Random prompts (small alphabet: many shared prefixes), a tiny pool (preemption), a small budget
     (chunking). Every request finishes with exactly max_tokens outputs; invariants hold after every
     step; at the end every block is free."""
     kv = KVCacheManager(num_blocks, BS)
     max_len = (num_blocks - 1) * BS
-    sched = Scheduler(kv, max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=max_len, policy=policy)
+    sched = Scheduler(kv, max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=max_len, policy=policy,
+                      admit_batch=admit[0], admit_wait_steps=admit[1])
     all_reqs = []
     for i, (prompt, mt) in enumerate(reqs):
         prompt = prompt[: max_len - 1]

@@ -28,6 +28,8 @@ class EngineArgs:
     max_num_batched_tokens: int | None = field(default=None, metadata={"help": "token budget per step (default: 8192 on GPU, 2048 on CPU)"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of shared prompt prefixes"})
     enable_chunked_prefill: bool = field(default=True, metadata={"help": "split long prompts across steps, mixed with decodes"})
+    admit_batch: int = field(default=0, metadata={"help": "while requests are decoding, admit waiting ones only once this many slots are free (or one waited --admit-wait-steps steps): fewer, larger prefill steps; 0 = auto (max_num_seqs/16 on GPU, 1 on CPU)"})
+    admit_wait_steps: int = field(default=8, metadata={"help": "steps a waiting request may be held back by --admit-batch"})
     scheduling_policy: str = field(default="fcfs", metadata={"help": "fcfs | priority", "choices": ["fcfs", "priority"]})
     seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
     enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs"})
@@ -36,6 +38,14 @@ class EngineArgs:
     pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline stages"})
     data_parallel_size: int = field(default=1, metadata={"help": "independent replicas"})
     enable_expert_parallel: bool = field(default=False, metadata={"help": "place MoE experts whole on EP ranks"})
+    pp_layer_partition: str | None = field(default=None, metadata={"help": "layers per pipeline stage, e.g. '10,14' (default: even split)"})
+    nnodes: int = field(default=1, metadata={"help": "nodes one model replica spans (run the same command on each)"})
+    node_rank: int = field(default=0, metadata={"help": "this node's index, 0..nnodes-1 (node 0 runs the engine)"})
+    master_addr: str | None = field(default=None, metadata={"help": "address of node 0 for the rendezvous (default: MASTER_ADDR, else 127.0.0.1)"})
+    master_port: int | None = field(default=None, metadata={"help": "rendezvous port (default: MASTER_PORT; a free port on one node)"})
+    distributed_launcher: str = field(default="auto", metadata={"help": "auto | spawn | env (one process per rank from RANK/WORLD_SIZE/LOCAL_RANK or SLURM_PROCID/...; auto: env under torchrun)", "choices": ["auto", "spawn", "env"]})
+    dist_timeout: float = field(default=300.0, metadata={"help": "seconds before a collective between ranks times out"})
+    tp_comm_overlap: bool = field(default=False, metadata={"help": "overlap TP all-reduces with the GEMMs that produce them (chunked, asynchronous)"})
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: all cores)"})
     hf_overrides: str | None = field(default=None, metadata={"help": "JSON merged into config.json (e.g. '{\"num_hidden_layers\": 2}')"})
     served_model_name: str | None = field(default=None, metadata={"help": "name reported by the API"})
@@ -87,6 +97,8 @@ class EngineConfig:
     enable_prefix_caching: bool
     enable_chunked_prefill: bool
     scheduling_policy: str
+    admit_batch: int
+    admit_wait_steps: int
     seed: int
     enforce_eager: bool
     attention_backend: str

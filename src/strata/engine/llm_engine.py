@@ -89,7 +89,8 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=config.max_model_len,
                                    enable_chunked_prefill=config.enable_chunked_prefill,
-                                   policy=config.scheduling_policy)
+                                   policy=config.scheduling_policy, admit_batch=config.admit_batch,
+                                   admit_wait_steps=config.admit_wait_steps)
         self.parents: dict[str, _Parent] = {}
         self.child_parent: dict[str, _Parent] = {}
         self._seed_counter = itertools.count()
@@ -335,7 +336,9 @@ def build_engine(args: EngineArgs):
         block_size=args.block_size, num_blocks=mem.num_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=mem.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
-        scheduling_policy=args.scheduling_policy, seed=args.seed, enforce_eager=args.enforce_eager,
+        scheduling_policy=args.scheduling_policy, seed=args.seed,
+        admit_batch=args.admit_batch or (1 if device == "cpu" else max(1, args.max_num_seqs // 16)),
+        admit_wait_steps=args.admit_wait_steps, enforce_eager=args.enforce_eager,
         attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, data_parallel_size=args.data_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel, check_invariants=args.check_invariants,

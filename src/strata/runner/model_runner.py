@@ -8,6 +8,8 @@ Per step (see docs/ARCHITECTURE.md):
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from strata.attention.backend import AttentionMetadata, forward_context
@@ -28,6 +30,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.sampler = Sampler(seed, device)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # per step kind: [steps, seconds in execute (includes the sampler's sync), tokens]
+        self.step_stats: dict[str, list] = {}
         # CUDA only: persistent per-slot block tables and decode graphs.
         self.tables: SlotBlockTables | None = None
         self.graphs: DecodeGraphs | None = None
@@ -44,11 +48,40 @@ class ModelRunner:
             v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.k_cache, attn.v_cache = k, v
             self.kv_caches.append((k, v))
+        if self.device.type == "cuda":
+            self.warmup()
         if self.use_graphs:
             self.graphs = DecodeGraphs(self.model, self.tables, max_num_seqs=self.max_num_seqs,
                                        block_size=self.block_size, max_seq_len=self.max_model_len,
                                        device=self.device)
             self.graphs.capture()
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Compile the eager path's kernel variants (Triton specialises on batch shapes) before serving,
+        so that the first mixed steps of a run do not pay for compilation. Reads only the null block."""
+        dev = self.device
+        long_len = min(2048, self.max_model_len)
+        width = -(-long_len // self.block_size)
+        b = 1
+        while b <= min(self.max_num_seqs, 256):
+            for nd in sorted({0, min(self.max_num_seqs, 4 * b)}):
+                for L in ((1, long_len) if nd else (1,)):
+                    T = nd + b
+                    meta = AttentionMetadata(
+                        slot_mapping=torch.full((T,), -1, dtype=torch.int64, device=dev), num_decode_tokens=nd,
+                        decode_block_tables=torch.zeros(nd, width, dtype=torch.int32, device=dev) if nd else None,
+                        decode_seq_lens=torch.full((nd,), L, dtype=torch.int32, device=dev) if nd else None,
+                        decode_max_seq_len=L,
+                        prefill_block_tables=torch.zeros(b, width, dtype=torch.int32, device=dev),
+                        prefill_query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=dev),
+                        prefill_seq_lens=torch.ones(b, dtype=torch.int32, device=dev))
+                    ids = torch.zeros(T, dtype=torch.int64, device=dev)
+                    with forward_context(meta):
+                        hidden = self.model(ids, torch.zeros_like(ids))
+                    self.model.compute_logits(hidden[:1])
+            b *= 2
+        torch.cuda.synchronize()
 
     # ---- input preparation ----
     def _prepare(self, chunks: list[ScheduledChunk]):
@@ -95,12 +128,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
+        res, kind = self._execute(plan)
+        st = self.step_stats.setdefault(kind, [0, 0.0, 0])
+        st[0] += 1
+        st[1] += time.perf_counter() - t0
+        st[2] += plan.num_batched_tokens
+        return res
+
+    def _execute(self, plan: StepPlan) -> tuple[StepResult, str]:
         if self.tables is not None:
             self.tables.sync(plan)
         decodes = [c for c in plan.chunks if c.num_tokens == 1 and c.start > 0]
         prefills = [c for c in plan.chunks if not (c.num_tokens == 1 and c.start > 0)]
         if not prefills and self.graphs is not None and self.graphs.fits(len(decodes)):
-            return self._execute_graph(plan)
+            return self._execute_graph(plan), "decode_graph"
+        kind = "decode_eager" if not prefills else ("mixed" if decodes else "prefill")
         ordered = decodes + prefills
         ids, pos, slots = self._prepare(ordered)
         meta = self.build_metadata(decodes, prefills, slots)
@@ -116,9 +159,9 @@ class ModelRunner:
                 last.append(off - 1)
                 sample_chunks.append(c)
         if not sample_chunks:
-            return StepResult()
+            return StepResult(), kind
         logits = self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])  # [B, V]
-        return self._sample(plan, sample_chunks, logits)
+        return self._sample(plan, sample_chunks, logits), kind
 
     def _sample(self, plan: StepPlan, sample_chunks: list[ScheduledChunk], logits: torch.Tensor) -> StepResult:
         tokens, lps = self.sampler(logits, SamplingBatch([c.request for c in sample_chunks]))
