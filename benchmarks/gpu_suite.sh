@@ -1,15 +1,47 @@
 #!/usr/bin/env bash
-# One device call: parity smoke test, then the protocol's throughput / latency runs on the reference
-# model (Qwen3-4B architecture, dummy bf16 weights) with the transformers baseline from the same run.
-# Usage (device machine, repo root): bash benchmarks/gpu_suite.sh $OUT   (carry .carry/tok and .carry/workloads)
+# The protocol's GPU measurements (../shared/BENCHMARK-PROTOCOL.md), one JSON per run in OUT_DIR.
+#
+#   benchmarks/gpu_suite.sh [OUT_DIR] [STEP...]
+#
+# STEPs (default: all single-GPU ones): seed64 sharegpt1000 latency tp2
+# Workload files come from $WORKLOADS (default .carry/bench-workloads), made on a CPU machine with
+#   strata bench make-workload seed64 --out .carry/bench-workloads/seed64.json
+#   strata bench make-workload sharegpt1000 --out .carry/bench-workloads/sharegpt1000.json
+# The strata command is $STRATA (default: `strata` if on PATH, else `python -m strata.cli` with src/ on
+# PYTHONPATH). Extra engine flags for every run: $ENGINE_ARGS. Each step is its own process (fresh engine).
 set -u
-OUT=${1:-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
-COMMON="--model qwen3-4b --load-format dummy --tokenizer .carry/tok --max-model-len 4096"
-timeout 200 python3 benchmarks/gpu_smoke.py --out "$OUT" 2>&1 | grep -v "^\s*$" | tail -12
-timeout 150 python3 -m strata.cli bench throughput $COMMON --dataset seed64 --workload-file .carry/workloads/seed64.json \
-  --baseline transformers --baseline-timeout 60 --output-json "$OUT/seed64.json" 2>&1 | tail -14
-timeout 200 python3 -m strata.cli bench throughput $COMMON --dataset sharegpt1000 --workload-file .carry/workloads/sharegpt1000.json \
-  --baseline transformers --baseline-modes cb --baseline-timeout 90 --output-json "$OUT/sharegpt1000.json" 2>&1 | tail -14
-timeout 120 python3 -m strata.cli bench latency $COMMON --input-len 1024 --output-len 128 --batch-sizes 1,8,64 \
-  --output-json "$OUT/latency.json" 2>&1 | tail -8
+OUT=${1:-benchmarks/results}
+shift || true
+STEPS=${*:-seed64 sharegpt1000 latency}
+W=${WORKLOADS:-.carry/bench-workloads}
+if [ -z "${STRATA:-}" ]; then
+  if command -v strata >/dev/null 2>&1; then STRATA=strata; else export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}; STRATA="python -m strata.cli"; fi
+fi
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | sed 's/NVIDIA //; s/[^A-Za-z0-9]\+/-/g; s/-$//' | tr 'A-Z' 'a-z')
+GPU=${GPU:-gpu}
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+DAY=$(date -u +%Y%m%d)
+mkdir -p "$OUT"
+run() { echo "+ $*" >&2; "$@"; echo "exit status $?" >&2; }
+for step in $STEPS; do
+  case $step in
+    seed64)
+      run $STRATA bench throughput --model qwen3-4b --workload-file "$W/seed64.json" \
+        --baseline transformers --baseline-timeout 240 ${ENGINE_ARGS:-} \
+        --output-json "$OUT/$DAY-$GPU-seed64.json" ;;
+    sharegpt1000)
+      run $STRATA bench throughput --model qwen3-4b --workload-file "$W/sharegpt1000.json" \
+        --baseline transformers --baseline-modes cb,static --baseline-timeout 240 ${ENGINE_ARGS:-} \
+        --output-json "$OUT/$DAY-$GPU-sharegpt1000.json" ;;
+    latency)
+      run $STRATA bench latency --model qwen3-4b --input-len 1024 --output-len 128 --batch-sizes 1,8,64 \
+        ${ENGINE_ARGS:-} --output-json "$OUT/$DAY-$GPU-latency.json" ;;
+    tp2)
+      [ "$NGPU" -ge 2 ] || { echo "tp2 needs 2 GPUs" >&2; continue; }
+      run $STRATA bench latency --model llama-3-8b --batch-sizes 1 ${ENGINE_ARGS:-} \
+        --output-json "$OUT/$DAY-$GPU-llama3-8b-tp1-latency.json"
+      run $STRATA bench latency --model llama-3-8b --batch-sizes 1 --tensor-parallel-size 2 ${ENGINE_ARGS:-} \
+        --output-json "$OUT/$DAY-$GPU-x2-llama3-8b-tp2-latency.json" ;;
+    *) echo "unknown step $step" >&2 ;;
+  esac
+done

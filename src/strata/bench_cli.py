@@ -210,12 +210,14 @@ def run_throughput(args) -> int:
     device, dtype = None, None
     llm = None
     try:
-        llm, load_s = build_llm(ea)
-        device, dtype = llm.engine.config.device, llm.engine.config.dtype
-        result["engine"] = engine_summary(llm)
-        result["engine_load_s"] = load_s
-        check_fits(llm, records)
-        if not args.skip_strata:
+        if args.skip_strata:
+            device, dtype = _device_dtype(ea)
+        else:
+            llm, load_s = build_llm(ea)
+            device, dtype = llm.engine.config.device, llm.engine.config.dtype
+            result["engine"] = engine_summary(llm)
+            result["engine_load_s"] = load_s
+            check_fits(llm, records)
             result["warmup_s"] = warmup(llm, records, n=args.warmup_requests)
             _log(f"engine loaded in {load_s:.1f} s; timing {len(records)} requests ...")
             strata_res = run_strata(llm, records, progress=args.progress)
@@ -242,14 +244,28 @@ def run_throughput(args) -> int:
         result["baseline"] = base
         if "error" in base:
             print(f"transformers baseline failed to load: {base['error']}")
-        if strata_res:
-            result["ratios"] = _ratios(strata_res, base)
-            for line in _describe_ratios(result["ratios"], base):
-                print(line)
+        result["ratios"] = _ratios(strata_res, base) if strata_res else {}
+        for line in _describe_ratios(result["ratios"], base):
+            print(line)
     if args.output_json:
         meta.write_json(args.output_json, result)
         print(f"wrote {args.output_json}")
     return 0
+
+
+def _device_dtype(ea):
+    import torch
+    device = ea.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    table = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16, "half": torch.float16}
+    if ea.dtype == "auto":
+        return device, torch.float32 if device == "cpu" else torch.bfloat16
+    if ea.dtype not in table:
+        from strata.bench.engine_run import BenchError
+        raise BenchError(f"unknown dtype {ea.dtype!r}")
+    return device, table[ea.dtype]
 
 
 def _model_info(args, rm, ea) -> dict:

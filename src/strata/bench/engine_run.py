@@ -33,6 +33,9 @@ def engine_args_for(args) -> tuple[Any, ResolvedModel, list[str]]:
     elif rm.kind == "hf" and not rm.has_weights and ea.load_format == "auto":
         ea = ea.replace(load_format="dummy")
         notes.append(f"{rm.path} holds no weight files: random (dummy) weights")
+    if ea.data_parallel_size > 1:
+        raise BenchError("strata bench runs one engine replica; data parallelism is not measured here yet "
+                         "(--data-parallel-size must be 1)")
     if ea.hf_overrides:
         try:
             json.loads(ea.hf_overrides) if isinstance(ea.hf_overrides, str) else None

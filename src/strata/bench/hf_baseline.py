@@ -67,9 +67,10 @@ def _from_config(cfg, device: str, dtype):
     import transformers as tf
     with torch.device(device):
         try:
-            return tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+            model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         except TypeError:
-            return tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+            model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+    return model.to(device=device, dtype=dtype)
 
 
 def free(model=None) -> None:
