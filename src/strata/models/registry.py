@@ -11,6 +11,8 @@ _MODELS = {
     "MistralForCausalLM": "strata.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "strata.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "strata.models.llama:LlamaForCausalLM",
+    "Qwen3MoeForCausalLM": "strata.models.moe:Qwen3MoeForCausalLM",
+    "MixtralForCausalLM": "strata.models.moe:MixtralForCausalLM",
 }
 
 

@@ -3,10 +3,21 @@
 Mesh order is DP x PP x TP with TP innermost (consecutive global ranks form a TP group, so TP stays
 inside a node). Before `init_parallel` is called, everything behaves as a single process (sizes 1,
 collectives are no-ops); `require_initialized()` lets code that needs a real group fail loudly.
+
+Groups: "tp", "pp", "dp", "ep" (the TP group when expert parallelism is on), "world" (every rank) and
+"ctrl" (every rank, always gloo, no practical timeout: the driver's step messages travel on it, and an idle
+engine must not time its workers out; a dead peer still fails it at once because its sockets close).
+
+Every collective here counts what it moves (`comm_stats()`): calls and payload bytes per (group, op), where
+the payload is what one would count by hand: the tensor for an all-reduce, the gathered result for an
+all-gather, the bytes that leave this rank for an all-to-all, the message for a send. `tests/test_plan_comm.py`
+compares these counts with `strata.plan`'s formulas.
 """
 from __future__ import annotations
 
 import datetime
+import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -68,10 +79,21 @@ def ep() -> GroupInfo:
     return get_group("ep")
 
 
+def world() -> GroupInfo:
+    return get_group("world")
+
+
+def ctrl() -> GroupInfo:
+    return get_group("ctrl")
+
+
+CTRL_TIMEOUT_S = 365 * 24 * 3600.0  # idle engines wait on the control group; dead peers still fail it at once
+
+
 def init_parallel(*, tensor_parallel_size: int, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
                   rank: int, world_size: int, backend: str, init_method: str,
                   timeout_s: float = 120.0, enable_expert_parallel: bool = False) -> None:
-    """Create the default group and the named TP / PP / DP groups for this process."""
+    """Create the default group and the named TP / PP / DP / EP / world / ctrl groups for this process."""
     global _initialized
     expected = tensor_parallel_size * pipeline_parallel_size * data_parallel_size
     if world_size != expected:
@@ -95,8 +117,15 @@ def init_parallel(*, tensor_parallel_size: int, pipeline_parallel_size: int = 1,
     make("tp", [[rank_of(d, p, t) for t in range(T)] for d in range(D) for p in range(P)])
     make("pp", [[rank_of(d, p, t) for p in range(P)] for d in range(D) for t in range(T)])
     make("dp", [[rank_of(d, p, t) for d in range(D)] for p in range(P) for t in range(T)])
-    if enable_expert_parallel:
-        _groups["ep"] = _groups["tp"]
+    if enable_expert_parallel:  # the TP ranks, under their own name (so its traffic is counted apart)
+        t = _groups["tp"]
+        _groups["ep"] = GroupInfo("ep", t.ranks, t.rank_in_group, t.group)
+    everyone = list(range(world_size))
+    _groups["world"] = GroupInfo("world", everyone, rank, dist.group.WORLD if world_size > 1 else None)
+    # The control plane is CPU (pickled step messages): a gloo group even when the data plane is NCCL.
+    cg = dist.new_group(everyone, backend="gloo", timeout=datetime.timedelta(seconds=CTRL_TIMEOUT_S)) \
+        if world_size > 1 else None
+    _groups["ctrl"] = GroupInfo("ctrl", everyone, rank, cg)
     _initialized = True
 
 
@@ -108,19 +137,154 @@ def destroy_parallel() -> None:
         dist.destroy_process_group()
 
 
+# ---- communication accounting ----
+_stats: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+
+
+def _count(g: GroupInfo, op: str, nbytes: int) -> None:
+    st = _stats[(g.name, op)]
+    st[0] += 1
+    st[1] += int(nbytes)
+
+
+def comm_stats() -> dict[str, dict[str, int]]:
+    """{"group.op": {"calls": n, "bytes": payload}} since the last reset, for this process."""
+    return {f"{g}.{op}": {"calls": c, "bytes": b} for (g, op), (c, b) in sorted(_stats.items())}
+
+
+def reset_comm_stats() -> None:
+    _stats.clear()
+
+
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
 # ---- collectives: explicit calls, no-ops at size 1 ----
 def all_reduce(x: torch.Tensor, group: GroupInfo | None = None) -> torch.Tensor:
     g = group or tp()
     if g.size == 1:
         return x
+    _count(g, "all_reduce", _nbytes(x))
     dist.all_reduce(x, group=g.group)
     return x
+
+
+def all_reduce_async(x: torch.Tensor, group: GroupInfo | None = None):
+    """Start an in-place all-reduce of `x` (contiguous); returns a handle with .wait() (None at size 1)."""
+    g = group or tp()
+    if g.size == 1:
+        return None
+    _count(g, "all_reduce", _nbytes(x))
+    return dist.all_reduce(x, group=g.group, async_op=True)
 
 
 def all_gather(x: torch.Tensor, dim: int = -1, group: GroupInfo | None = None) -> torch.Tensor:
     g = group or tp()
     if g.size == 1:
         return x
+    _count(g, "all_gather", _nbytes(x) * g.size)
     parts = [torch.empty_like(x) for _ in range(g.size)]
     dist.all_gather(parts, x.contiguous(), group=g.group)
     return torch.cat(parts, dim=dim)
+
+
+def all_gather_rows(x: torch.Tensor, counts: list[int], group: GroupInfo | None = None) -> torch.Tensor:
+    """Concatenate every rank's rows: rank i contributes `counts[i]` rows (x: [counts[rank], ...])."""
+    g = group or tp()
+    if g.size == 1:
+        return x
+    width = max(counts)
+    pad = x.new_zeros((width,) + tuple(x.shape[1:]))
+    pad[: x.shape[0]] = x
+    _count(g, "all_gather", sum(counts) * math.prod(x.shape[1:]) * x.element_size())
+    parts = [torch.empty_like(pad) for _ in range(g.size)]
+    dist.all_gather(parts, pad, group=g.group)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)], dim=0)
+
+
+def all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[int],
+                    group: GroupInfo | None = None) -> torch.Tensor:
+    """Row all-to-all: the first send_counts[0] rows of x go to rank 0 of the group, the next to rank 1, ...
+    Returns the received rows ([sum(recv_counts), ...]) in source-rank order."""
+    g = group or ep()
+    if g.size == 1:
+        return x
+    out = x.new_empty((sum(recv_counts),) + tuple(x.shape[1:]))
+    row = math.prod(x.shape[1:]) * x.element_size()
+    _count(g, "all_to_all", row * (sum(send_counts) - send_counts[g.rank_in_group]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=list(recv_counts),
+                           input_split_sizes=list(send_counts), group=g.group)
+    return out
+
+
+def all_to_all_counts(counts: torch.Tensor, group: GroupInfo | None = None) -> torch.Tensor:
+    """Exchange equal-sized int64 blocks: counts [size * n] -> received [size * n] (metadata, counted apart)."""
+    g = group or ep()
+    if g.size == 1:
+        return counts
+    out = torch.empty_like(counts)
+    _count(g, "all_to_all_meta", _nbytes(counts) * (g.size - 1) // g.size)
+    dist.all_to_all_single(out, counts.contiguous(), group=g.group)
+    return out
+
+
+def all_reduce_min_ints(values: list[int], group: GroupInfo | None = None) -> list[int]:
+    """Element-wise minimum of small integer lists over a group (CPU, through the control group)."""
+    g = group or ctrl()
+    if g.size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=g.group)
+    return t.tolist()
+
+
+# ---- point to point (pipeline stages; global ranks) ----
+def send(x: torch.Tensor, dst: int, tag: int = 0, what: str = "send"):
+    """Asynchronous send of a contiguous tensor to global rank `dst`; returns the work handle."""
+    _count(pp(), what, _nbytes(x))
+    return dist.isend(x.contiguous(), dst=dst, tag=tag)
+
+
+def recv(shape, dtype: torch.dtype, device, src: int, tag: int = 0) -> torch.Tensor:
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(buf, src=src, tag=tag)
+    return buf
+
+
+# ---- control plane ----
+def broadcast_object(obj=None, src: int = 0):
+    """Pickled broadcast on the control group: the source passes obj, everyone gets it back."""
+    g = ctrl()
+    if g.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=g.group)
+    return box[0]
+
+
+def gather_objects(obj, dst: int = 0) -> list | None:
+    """Every rank's obj, in rank order, on `dst` (None elsewhere)."""
+    g = ctrl()
+    if g.size == 1:
+        return [obj]
+    out = [None] * g.size if g.rank_in_group == dst else None
+    dist.gather_object(obj, out, dst=dst, group=g.group)
+    return out
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's obj, in rank order, on every rank (control group)."""
+    g = ctrl()
+    if g.size == 1:
+        return [obj]
+    out = [None] * g.size
+    dist.all_gather_object(out, obj, group=g.group)
+    return out
+
+
+def forget_parallel() -> None:
+    """Drop the groups without tearing the process group down (a peer is dead; teardown could block)."""
+    global _initialized
+    _groups.clear()
+    _initialized = False

@@ -1,0 +1,50 @@
+"""Torch twin of the fused MoE kernel (`strata.ops.triton_kernels.fused_moe`): same arguments, same result.
+
+    fused_moe(x, w13, w2, topk_weights, topk_ids) -> [T, H]
+    x: [T, H]; w13: [E, 2I, H] (gate rows then up rows); w2: [E, H, I]
+    topk_weights: [T, k] (any float dtype, applied in fp32); topk_ids: [T, k] int, ids outside [0, E) are skipped
+    out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t])),  e = topk_ids[t, j]
+
+Each expert's GEMMs run in the input dtype (as the model's linears do); the weighted sum over the k choices is
+accumulated in fp32 and rounded once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
+    """(order, counts): pair indices (t * k + j) sorted by expert, stable; pairs per expert [E] (invalid ids dropped)."""
+    flat = topk_ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < num_experts)
+    order = torch.argsort(torch.where(valid, flat, num_experts), stable=True)
+    order = order[: int(valid.sum())]
+    counts = torch.bincount(flat[valid], minlength=num_experts)
+    return order, counts
+
+
+def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert on its rows: x [n, H], w13 [2I, H], w2 [H, I] -> [n, H]."""
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    E = w13.shape[0]
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    order, counts = sort_by_expert(topk_ids, E)
+    weights = topk_weights.reshape(-1).float()
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        if c == 0:
+            continue
+        pairs = order[start:start + c]
+        start += c
+        tok = pairs // k
+        y = expert_mlp(x[tok], w13[e], w2[e])  # [c, H]
+        out.index_add_(0, tok, y.float() * weights[pairs, None])
+    return out.to(x.dtype)

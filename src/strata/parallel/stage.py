@@ -1,0 +1,183 @@
+"""What every rank does with one step: the picklable step message, micro-batches, and the stage forward.
+
+The driver turns a StepPlan into a `StepMsg` (token ids, positions implied by start/num_tokens, block tables,
+what to sample) and broadcasts it; every rank, the driver included, runs `StageRunner.run(msg)`:
+
+  for each micro-batch (PP > 1: as many as stages, contiguous slices of the decode-first chunk order):
+      first stage: embed;  other stages: receive the residual stream from the previous stage
+      forward this stage's layers (KV written into this rank's cache)
+      not last: send hidden + residual (one tensor: the next layer's add-then-norm is the same sum)
+      last: logits of the sampled rows (TP all-gather inside); TP rank 0 of the last stage returns to the
+            driver the argmax ids (all-greedy steps) or the logits (anything else)
+
+Sends are asynchronous, so stage s works on micro-batch i+1 while stage s+1 works on micro-batch i.
+With TP > 1 each TP rank sends only its 1/TP slice of the hidden size across the stage boundary and the
+receiving stage all-gathers it over its (fast, intra-node) TP group: the boundary carries one copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+from strata.attention.backend import forward_context
+from strata.core.plan import ScheduledChunk, StepPlan
+from strata.parallel import state as ps
+from strata.runner.model_runner import ModelRunner
+
+RETURN_TAG = 1 << 20  # tags of the last stage's replies to the driver (activations use the micro-batch index)
+
+
+@dataclass
+class ChunkMsg:
+    start: int
+    num_tokens: int
+    sample: bool
+    token_ids: list[int]  # the tokens at positions [start, start + num_tokens)
+    block_ids: list[int]  # the request's whole block table
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == 1 and self.start > 0
+
+
+@dataclass
+class StepMsg:
+    chunks: list[ChunkMsg]  # in ModelRunner order: decodes first, then prefill/extend chunks
+    microbatches: list[tuple[int, int]]  # [a, b) ranges over chunks
+    greedy_ids: bool = False  # the last stage may return argmax ids instead of logits
+    num_sampled: int = 0
+    meta: dict = field(default_factory=dict)
+
+
+def runner_order(plan: StepPlan) -> list[ScheduledChunk]:
+    """The order ModelRunner computes and samples in: decodes first (same classification)."""
+    decodes = [c for c in plan.chunks if c.num_tokens == 1 and c.start > 0]
+    prefills = [c for c in plan.chunks if not (c.num_tokens == 1 and c.start > 0)]
+    return decodes + prefills
+
+
+def split_microbatches(chunks: list[ChunkMsg], m: int) -> list[tuple[int, int]]:
+    """Contiguous slices with about equal token counts (at most m, none empty)."""
+    n = len(chunks)
+    m = max(1, min(m, n))
+    if m == 1:
+        return [(0, n)]
+    total = sum(c.num_tokens for c in chunks)
+    out, a, acc = [], 0, 0
+    for i, c in enumerate(chunks):
+        acc += c.num_tokens
+        left_chunks = n - (i + 1)
+        left_groups = m - len(out) - 1
+        if left_groups and (acc * m >= total * (len(out) + 1) or left_chunks == left_groups):
+            out.append((a, i + 1))
+            a = i + 1
+        if len(out) == m - 1:
+            break
+    out.append((a, n))
+    return out
+
+
+def make_msg(plan: StepPlan, pp: int, greedy_ids: bool) -> tuple[StepMsg, list[ScheduledChunk]]:
+    ordered = runner_order(plan)
+    chunks = [ChunkMsg(c.start, c.num_tokens, c.sample, c.request.tokens(c.start, c.start + c.num_tokens),
+                       list(c.request.block_ids)) for c in ordered]
+    mbs = split_microbatches(chunks, pp) if pp > 1 else [(0, len(chunks))]
+    return StepMsg(chunks, mbs, greedy_ids, sum(1 for c in ordered if c.sample)), ordered
+
+
+class StageRunner:
+    """This rank's pipeline stage: builds inputs from a StepMsg and runs the stage's layers."""
+
+    def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype, block_size: int,
+                 hidden_size: int, vocab_size: int, driver_rank: int = 0, last_stage_rank: int = 0):
+        # A ModelRunner supplies the KV pool and the attention metadata, so that both follow the runner's
+        # own layout; its sampling is not used here.
+        self.runner = ModelRunner(model, device=device, dtype=dtype, block_size=block_size)
+        self.model, self.device, self.dtype = model, device, dtype
+        self.hidden, self.vocab = hidden_size, vocab_size
+        pp = ps.pp()
+        self.pp_size, self.is_first, self.is_last = pp.size, pp.is_first, pp.is_last
+        self.prev_rank = pp.ranks[pp.rank_in_group - 1] if not pp.is_first else None
+        self.next_rank = pp.ranks[pp.rank_in_group + 1] if not pp.is_last else None
+        tp = ps.tp()
+        self.tp = tp
+        self.slice_boundary = tp.size > 1 and hidden_size % tp.size == 0
+        self.driver_rank, self.last_stage_rank = driver_rank, last_stage_rank
+        self.rank = ps.world().ranks[ps.world().rank_in_group] if ps.is_initialized() else 0
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def _inputs(self, chunks: list[ChunkMsg]):
+        bs = self.runner.block_size
+        ids, pos, slots, decodes, prefills = [], [], [], [], []
+        for c in chunks:
+            rng = range(c.start, c.start + c.num_tokens)
+            ids.extend(c.token_ids)
+            pos.extend(rng)
+            slots.extend(c.block_ids[p // bs] * bs + p % bs for p in rng)
+            sc = ScheduledChunk(SimpleNamespace(block_ids=c.block_ids), c.start, c.num_tokens, c.sample)
+            (decodes if c.is_decode else prefills).append(sc)
+        meta = self.runner.build_metadata(decodes, prefills, slots)
+        dev = self.device
+        return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
+                meta)
+
+    def _recv_boundary(self, n: int, tag: int) -> torch.Tensor:
+        if self.slice_boundary:
+            part = ps.recv((n, self.hidden // self.tp.size), self.dtype, self.device, self.prev_rank, tag)
+            return ps.all_gather(part, dim=-1, group=self.tp)
+        return ps.recv((n, self.hidden), self.dtype, self.device, self.prev_rank, tag)
+
+    def _send_boundary(self, x: torch.Tensor, tag: int):
+        if self.slice_boundary:
+            w = self.hidden // self.tp.size
+            x = x[:, self.tp.rank_in_group * w:(self.tp.rank_in_group + 1) * w]
+        return ps.send(x.contiguous(), self.next_rank, tag, what="send")
+
+    @torch.inference_mode()
+    def run(self, msg: StepMsg) -> list[torch.Tensor]:
+        """Run this stage over every micro-batch. Returns, on the driver, one tensor per micro-batch with
+        sampled rows (logits [n, V], or argmax ids [n] when msg.greedy_ids): the rows in chunk order."""
+        pending, out = [], []
+        is_driver = self.rank == self.driver_rank
+        for i, (a, b) in enumerate(msg.microbatches):
+            chunks = msg.chunks[a:b]
+            input_ids, positions, meta = self._inputs(chunks)
+            T = input_ids.shape[0]
+            inter = None if self.is_first else (self._recv_boundary(T, i), None)
+            with forward_context(meta):
+                y = self.model(input_ids, positions, inter)
+            if not self.is_last:
+                hidden, residual = y
+                pending.append(self._send_boundary(hidden + residual, i))
+                continue
+            rows, off = [], 0
+            for c in chunks:
+                off += c.num_tokens
+                if c.sample:
+                    rows.append(off - 1)
+            if not rows:
+                continue
+            logits = self.model.compute_logits(y[torch.tensor(rows, device=self.device)])  # [n, V]
+            if self.pp_size == 1:
+                if is_driver:
+                    out.append(logits)
+            elif self.rank == self.last_stage_rank:
+                payload = logits.argmax(dim=-1) if msg.greedy_ids else logits
+                pending.append(ps.send(payload.contiguous(), self.driver_rank, RETURN_TAG + i, what="return"))
+        if is_driver and self.pp_size > 1:
+            for i, (a, b) in enumerate(msg.microbatches):
+                n = sum(1 for c in msg.chunks[a:b] if c.sample)
+                if not n:
+                    continue
+                if msg.greedy_ids:
+                    out.append(ps.recv((n,), torch.int64, self.device, self.last_stage_rank, RETURN_TAG + i))
+                else:
+                    out.append(ps.recv((n, self.vocab), self.dtype, self.device, self.last_stage_rank,
+                                       RETURN_TAG + i))
+        for w in pending:
+            w.wait()
+        return out
