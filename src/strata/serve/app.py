@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response
 
 from strata.core.sampling_params import ParameterError
 from strata.serve.chat import chat_response, chat_stream, start_chat
@@ -175,4 +175,4 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
-__all__ = ["build_app", "JSONResponse"]
+__all__ = ["build_app"]

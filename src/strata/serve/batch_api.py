@@ -17,7 +17,6 @@ import os
 import tempfile
 import time
 import uuid
-from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
@@ -367,4 +366,4 @@ def add_batch_routes(app: FastAPI, state) -> None:
         return _json(mgr().cancel(batch_id))
 
 
-__all__ = ["BatchManager", "FileStore", "add_batch_routes", "validate_batch_lines", "Any"]
+__all__ = ["BatchManager", "FileStore", "add_batch_routes", "validate_batch_lines"]

@@ -21,7 +21,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -302,7 +302,7 @@ def main_args(args) -> int:
     return 0 if summary["failed"] == 0 else 1
 
 
-__all__ = ["add_args", "main", "main_args", "run", "summarize", "Result", "asdict"]
+__all__ = ["add_args", "main", "main_args", "run", "summarize", "Result"]
 
 if __name__ == "__main__":
     sys.exit(main())
