@@ -335,7 +335,7 @@ def test_regions_with_real_delay_in_network_namespaces(fleet, tmp_path):
                 reps[g].start()
                 reps[g].proxy.start()
             for g in delays:
-                wait_http(urls[g] + "/health", 30)
+                wait_http(urls[g] + "/health", START_TIMEOUT)
             router = fleet.router(config={"region": "near", "policy": "region_aware",
                                           "replicas": [{"url": urls[g], "region": g} for g in delays]})
             router.start().wait_ready()
@@ -355,9 +355,11 @@ def test_regions_with_real_delay_in_network_namespaces(fleet, tmp_path):
             reps["near"].kill()
             regions, lat_mid = timed(6)
             assert regions == {"mid"}                       # the nearer of the two left, by measured RTT
-            assert lat_mid >= 0.030 - 0.002 and lat_mid > lat_near
+            assert lat_mid >= 0.030 - 0.002                 # a request through the 15 ms-each-way link
+            if USING_FAKE:                                  # (a real model's own time is too noisy for this)
+                assert lat_mid > lat_near
             reps["near"].start()
-            router.wait_for(lambda: timed(2)[0] == {"near"}, 15, "traffic back in the near region")
+            router.wait_for(lambda: timed(2)[0] == {"near"}, max(15, START_TIMEOUT), "traffic back in the near region")
         finally:
             for g in delays:
                 reps[g].proxy.kill()
