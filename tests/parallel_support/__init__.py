@@ -34,3 +34,55 @@ def write_tiny_moe(arch: str, path, seed: int = 0, **over):
                 p.normal_(0, 0.5)  # a router with clear preferences: top-k ties would make parity flaky
     model.save_pretrained(str(path), safe_serialization=True)
     return model
+
+
+def engine_args(path, **kw):
+    """Small CPU engines: float32, a fixed KV pool, one thread per process, short collective timeouts."""
+    from strata.config.engine import EngineArgs
+    base = dict(model=str(path), device="cpu", dtype="float32", num_gpu_blocks_override=64,
+                max_num_batched_tokens=32, num_threads=1, dist_timeout=60.0, enable_prefix_caching=False)
+    base.update(kw)
+    return EngineArgs(**base)
+
+
+def capture_logits(engine) -> list:
+    """Every logits block the engine samples from, in sampling order (ModelRunner or the parallel executor)."""
+    seen: list = []
+    runner = engine.runner
+    if hasattr(runner, "logits_hook"):
+        runner.logits_hook = lambda logits: seen.append(logits.detach().clone())
+        runner.sample_on_last_stage = False  # PP: return logits, not argmax ids, so they can be compared
+        return seen
+    model = runner.model
+    orig = model.compute_logits
+
+    def wrapped(h):
+        out = orig(h)
+        seen.append(out.detach().clone())
+        return out
+    model.compute_logits = wrapped
+    return seen
+
+
+PROMPT_LENS = (5, 17, 33, 2)
+
+
+def prompts(vocab: int = 384, lens=PROMPT_LENS, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def run_greedy(engine, prompt_ids, steps: int = 8, tag: str = "r"):
+    """Greedy generation of every prompt at once: ({index: token ids}, [logits rows, concatenated])."""
+    from strata.core.sampling_params import SamplingParams
+    seen = capture_logits(engine)
+    start = len(seen)
+    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompt_ids):
+        engine.add_request(f"{tag}{i}", p, params)
+    out = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out[int(o.request_id[len(tag):])] = o.outputs[0].token_ids
+    return out, torch.cat(seen[start:])
