@@ -41,7 +41,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 20.0, ok=(200,), proc: subprocess.Popen | None = None) -> None:
+def wait_http(url: str, timeout: float = 60.0, ok=(200,), proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
