@@ -128,7 +128,7 @@ class StageRunner:
     def _recv_boundary(self, n: int, tag: int) -> torch.Tensor:
         if self.slice_boundary:
             part = ps.recv((n, self.hidden // self.tp.size), self.dtype, self.device, self.prev_rank, tag)
-            return ps.all_gather(part, dim=-1, group=self.tp)
+            return ps.all_gather(part, dim=-1, group=self.tp, what="pp_gather")
         return ps.recv((n, self.hidden), self.dtype, self.device, self.prev_rank, tag)
 
     def _send_boundary(self, x: torch.Tensor, tag: int):

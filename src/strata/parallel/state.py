@@ -179,11 +179,12 @@ def all_reduce_async(x: torch.Tensor, group: GroupInfo | None = None):
     return dist.all_reduce(x, group=g.group, async_op=True)
 
 
-def all_gather(x: torch.Tensor, dim: int = -1, group: GroupInfo | None = None) -> torch.Tensor:
+def all_gather(x: torch.Tensor, dim: int = -1, group: GroupInfo | None = None,
+               what: str = "all_gather") -> torch.Tensor:
     g = group or tp()
     if g.size == 1:
         return x
-    _count(g, "all_gather", _nbytes(x) * g.size)
+    _count(g, what, _nbytes(x) * g.size)
     parts = [torch.empty_like(x) for _ in range(g.size)]
     dist.all_gather(parts, x.contiguous(), group=g.group)
     return torch.cat(parts, dim=dim)
