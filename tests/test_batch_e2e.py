@@ -65,18 +65,19 @@ def write_posts(path, n, bad=True):
 # ---------------------------------------------------------------- the default job, real weights
 
 def test_default_job_embedded_model(tmp_path):
-    """`strata batch` with no input: the seed64 selection summarised by the embedded SmolLM2 (2 rows here)."""
+    """`strata batch` with no input: the seed64 selection summarised by the embedded SmolLM2 (1 row here)."""
     # Shorter than the real job (512-token prompts, 100 tokens) to stay fast on 2 CPU cores.
-    r = strata("batch", "--limit", "2", "--max-input-tokens", "128", "--max-tokens", "6", "--num-threads", "2",
+    r = strata("batch", "--limit", "1", "--max-input-tokens", "128", "--max-tokens", "6", "--num-threads", "2",
                cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = rows_of(tmp_path / "summaries.jsonl")
-    assert len(rows) == 2
+    assert len(rows) == 1
     for row in rows:
         assert row["error"] is None and isinstance(row["id"], str) and row["text"].strip()
         assert row["finish_reason"] in ("stop", "length") and 0 < row["output_tokens"] <= 6
         assert row["truncated"] and row["prompt_tokens"] == 128 and 150 < row["prompt_tokens_untruncated"]
-    assert "2 rows ok" in r.stderr
+    assert rows[0]["id"] == "IWkMGRK_0"  # the first post of the seed64 selection
+    assert "1 rows ok" in r.stderr
 
 
 # ---------------------------------------------------------------- formats through the real engine (in-process)
@@ -144,6 +145,24 @@ def test_formats_with_bad_rows_real_engine(engine, tmp_path):
     assert got["a"]["response"]["body"]["usage"]["completion_tokens"] == 3
     assert got["b"]["response"]["body"]["choices"][0]["finish_reason"] == "length"
     assert got["c"]["response"]["status_code"] == 400 and got["c"]["response"]["body"]["error"]["param"] == "max_tokens"
+
+
+def test_batched_tokenisation_equals_per_row(engine):
+    """The prefetch thread tokenises rows in batches (GIL released); the ids equal the per-row path's."""
+    from strata.batch.jobs import JobBuilder, JobOptions
+    from strata.batch.readers import Record
+    texts = ["short post", "  leading spaces\nand lines\n", "word " * 300, "émoji 🙂 and ünïcode " * 20, "x"]
+    for opts in (JobOptions(system_prompt="Summarise.", max_input_tokens=64), JobOptions()):
+        b = JobBuilder(opts, engine.tokenizer)
+        assert b._encode_batch is not None
+        recs = [Record(i, data={"text": t}) for i, t in enumerate(texts)]
+        b.prepare(recs)
+        assert all("prompt_ids" in r.cache for r in recs)
+        batched = [b.build(r, str(r.row), r.row) for r in recs]
+        plain = [JobBuilder(opts, engine.tokenizer).build(Record(i, data={"text": t}), str(i), i)
+                 for i, t in enumerate(texts)]
+        assert [j.prompt_ids for j in batched] == [j.prompt_ids for j in plain]
+        assert [j.truncated for j in batched] == [j.truncated for j in plain]
 
 
 # ---------------------------------------------------------------- SIGKILL and resume, real engine

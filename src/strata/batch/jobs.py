@@ -162,6 +162,11 @@ class JobBuilder:
         self.max_model_len = max_model_len
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None)) and opts.chat_template
         self._affix_cache: dict[tuple, tuple[str, str] | None] = {}
+        # tokenizers' encode_batch runs in Rust threads without the GIL, so that tokenising the next rows in
+        # the prefetch thread does not hold up the engine's loop; None: one tokenizer.encode per row.
+        backend = getattr(getattr(tokenizer, "hf", None), "backend_tokenizer", None)
+        self._encode_batch = (lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]) \
+            if backend is not None and hasattr(backend, "encode_batch") else None
         self._plain_sampling = {**PLAIN_DEFAULTS, **opts.sampling}
         self._openai_sampling = {**OPENAI_DEFAULTS, **opts.sampling}
         SamplingParams(**self._plain_sampling)  # fail fast on bad CLI values
@@ -204,6 +209,42 @@ class JobBuilder:
         return True
 
     # ---- building
+
+    def prepare(self, recs: list[Record]) -> None:
+        """Tokenise the prompts of several plain rows at once (an optimisation: `build` gives the same
+        result without it)."""
+        o = self.o
+        if self._encode_batch is None or o.mode != "plain" or o.messages_field or not self.has_chat_template:
+            return
+        todo, texts = [], []
+        for rec in recs:
+            if rec.data is None or rec.error is not None:
+                continue
+            try:
+                content = self._content(rec)
+            except RowErrorExc:
+                continue
+            messages = self._plain_messages(content)
+            aff = self._affixes(messages, len(messages) - 1)
+            if aff is None:
+                return
+            todo.append(rec)
+            texts.append(aff[0] + content + aff[1])
+        if not todo:
+            return
+        for rec, ids in zip(todo, self._encode_batch(texts)):
+            rec.cache["prompt_ids"] = ids
+        limit = o.max_input_tokens
+        if limit is not None and o.on_too_long == "truncate" and o.truncation_side == "content":
+            over = [r for r in todo if len(r.cache["prompt_ids"]) > limit and "content_ids" not in r.cache]
+            if over:
+                for rec, ids in zip(over, self._encode_batch([r.cache["content"] for r in over])):
+                    rec.cache["content_ids"] = ids
+
+    def _plain_messages(self, content: str) -> list[dict]:
+        messages = ([{"role": "system", "content": self.o.system_prompt}] if self.o.system_prompt else [])
+        messages.append({"role": "user", "content": content})
+        return messages
 
     def build(self, rec: Record, key: str, id_: Any) -> Job | ErrorItem:
         kind = self.o.mode
@@ -267,9 +308,7 @@ class JobBuilder:
             ids, truncated, full = self._prompt_ids(messages, None)
         else:
             content = self._content(rec)
-            messages = ([{"role": "system", "content": o.system_prompt}] if o.system_prompt else [])
-            messages.append({"role": "user", "content": content})
-            ids, truncated, full = self._prompt_ids(messages, rec)
+            ids, truncated, full = self._prompt_ids(self._plain_messages(content), rec)
         params = _sampling(self._plain_sampling)
         return Job(key, id_, rec.row, ids, params, "plain", None, truncated, full if truncated else None,
                    self._extra(rec))
@@ -346,11 +385,15 @@ class JobBuilder:
             ids = self.tok.encode(text, add_special_tokens=True)
             return self._truncate_raw(ids, text)
         aff = self._affixes(messages, ci)
-        if aff is not None:
-            text = aff[0] + content + aff[1]
+        cached = rec.cache.get("prompt_ids") if rec is not None and rec.cache else None
+        if cached is not None and aff is not None and rec.cache.get("content") == content:
+            ids = cached  # from prepare(): the same text, tokenised in a batch
         else:
-            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = self.tok.encode(text, add_special_tokens=False)
+            if aff is not None:
+                text = aff[0] + content + aff[1]
+            else:
+                text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tok.encode(text, add_special_tokens=False)
         limit = self.o.max_input_tokens
         if limit is None or len(ids) <= limit:
             return ids, False, len(ids)

@@ -84,10 +84,18 @@ class Summary:
 
 def select_items(records: Iterable[Record], builder: JobBuilder, *, rank: int = 0, world_size: int = 1,
                  done: KeySet | None = None, limit: int | None = None,
-                 counters: Counters | None = None) -> Iterator[Job | ErrorItem]:
+                 counters: Counters | None = None, batch_size: int = 32) -> Iterator[Job | ErrorItem]:
     c = counters if counters is not None else Counters()
     by_content = builder.o.selects_by_content
     k = 0  # index among selected rows
+    batch: list[tuple[Record, str, Any]] = []
+
+    def flush() -> Iterator[Job | ErrorItem]:
+        builder.prepare([r for r, _, _ in batch])  # tokenise the batch at once
+        for rec, key, id_ in batch:
+            yield builder.build(rec, key, id_)
+        batch.clear()
+
     for rec in records:
         c.read += 1
         if limit is not None and k >= limit:
@@ -107,7 +115,10 @@ def select_items(records: Iterable[Record], builder: JobBuilder, *, rank: int = 
         if done is not None and key in done:
             c.skipped += 1
             continue
-        yield builder.build(rec, key, id_)
+        batch.append((rec, key, id_))
+        if len(batch) >= batch_size:
+            yield from flush()
+    yield from flush()
 
 
 _END = object()
@@ -209,7 +220,7 @@ class StopFlag:
 def run_jobs(engine: EngineLike, items: Iterable[Job | ErrorItem], writer: RowWriter, *, model_name: str,
              max_in_flight: int = 512, queue_size: int = 256, progress: Progress | None = None,
              summary: Summary | None = None, stop: StopFlag | None = None, prefetch: bool = True,
-             fail_fast: int = 100) -> Summary:
+             fail_fast: int = 100, startup_wait: float = 5.0) -> Summary:
     """Feed `items` to the engine, at most `max_in_flight` at a time, writing one row per item.
 
     `fail_fast`: when that many rows in a row fail before any reaches the engine (a wrong --text-field,
@@ -240,6 +251,7 @@ def run_jobs(engine: EngineLike, items: Iterable[Job | ErrorItem], writer: RowWr
     src: Any = Prefetcher(iter(items), queue_size) if prefetch else None
     it = None if prefetch else iter(items)
     pending: dict[str, Job] = {}
+    started = False
     seq = 0
     src_done = False
     src_exc: BaseException | None = None
@@ -259,13 +271,18 @@ def run_jobs(engine: EngineLike, items: Iterable[Job | ErrorItem], writer: RowWr
                 s.interrupted = True
                 break
             while not src_done and len(pending) < max_in_flight:
+                # Before the first step, wait (up to `startup_wait` s) for a full window or the end of the input:
+                # the engine then starts with every request it can take, as when a list is submitted at once.
+                filling = not started and time.monotonic() - t0 < startup_wait
                 try:
-                    item = next_item(block=not pending)
+                    item = next_item(block=not pending or filling)
                 except Exception as e:  # noqa: BLE001 - the input broke: finish what is in flight, then report
                     src_exc = e
                     src_done = True
                     break
                 if item is None:
+                    if filling and not (stop is not None and stop.set):
+                        continue
                     if not pending:
                         if stop is not None and stop.set:
                             break
@@ -296,6 +313,7 @@ def run_jobs(engine: EngineLike, items: Iterable[Job | ErrorItem], writer: RowWr
                     break
                 tick()
                 continue
+            started = True
             outs = engine.step()
             for o in outs:
                 if not o.finished:
