@@ -13,7 +13,9 @@ import platform
 import subprocess
 import time
 
-import torch
+# Both engines run under the same OpenMP policy (strata sets PASSIVE itself when imported before torch).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 
 def load_prompts(n: int) -> list[list[int]]:
@@ -71,7 +73,7 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     res = {
         "device": f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-        "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "commit": commit,
+        "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "date": time.strftime("%Y-%m-%d"), "commit": commit,
         "command": "python benchmarks/cpu_vs_transformers.py", "num_prompts": len(prompts),
         "max_tokens": args.max_tokens,
         "strata": {"seconds": round(s_dt, 2), "output_tokens": s_n, "output_tok_s": round(s_n / s_dt, 1)},

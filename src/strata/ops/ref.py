@@ -75,20 +75,19 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             continue
         k = gather_kv(k_cache, block_tables[b], L)  # [L, kvh, d]
         v = gather_kv(v_cache, block_tables[b], L)
-        qb = q[s:e].transpose(0, 1)  # [H, n, d]
-        kb = k.transpose(0, 1).to(q.dtype)  # [kvh, L, d]
-        vb = v.transpose(0, 1).to(q.dtype)
-        if kvh != H:
-            kb = kb.repeat_interleave(H // kvh, dim=0)
-            vb = vb.repeat_interleave(H // kvh, dim=0)
+        # [1, heads, tokens, d], contiguous: the fused CPU kernels need it (strided inputs ran 5x slower)
+        qb = q[s:e].transpose(0, 1).contiguous().unsqueeze(0)
+        kb = k.transpose(0, 1).to(q.dtype).contiguous().unsqueeze(0)
+        vb = v.transpose(0, 1).to(q.dtype).contiguous().unsqueeze(0)
+        gqa = kvh != H
         if n == L:
-            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
+            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
             qpos = torch.arange(L - n, L, device=q.device)
             kpos = torch.arange(L, device=q.device)
             mask = kpos[None, :] <= qpos[:, None]  # [n, L]
-            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
-        out[s:e] = o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[s:e] = o[0].transpose(0, 1)
     return out
 
 
