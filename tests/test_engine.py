@@ -171,3 +171,23 @@ def test_unknown_architecture_and_missing_weights(tmp_path):
 def test_dummy_load_format_runs(model_dir):
     llm = make(model_dir, load_format="dummy")
     assert len(run(llm, [[5] * 10])[0]) == 24
+
+
+def test_sharded_safetensors_with_index(tmp_path):
+    """A checkpoint split over several files with model.safetensors.index.json loads to the same outputs."""
+    import os
+    from tests.tiny_models import write_tiny_model
+    hf = write_tiny_model("llama", tmp_path / "one", seed=3)
+    hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB")
+    files = os.listdir(tmp_path / "sharded")
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
+    a = run(make(str(tmp_path / "one")), prompts()[:2])
+    b = run(make(str(tmp_path / "sharded")), prompts()[:2])
+    assert a == b
+
+
+def test_hub_id_without_network_is_a_clear_error(monkeypatch):
+    from strata.core.errors import ModelLoadError
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="no-such-org/no-such-model"):
+        LLM("no-such-org/no-such-model", device="cpu")
