@@ -17,10 +17,14 @@ Failure: a worker that dies (its process sentinel fires, or a collective fails b
 marks the executor dead: the step in flight and every later one raise EngineDeadError, the other workers are
 killed, and nothing waits for them. Collectives between ranks time out after --dist-timeout; the control group
 does not (an idle engine waits for requests), but fails at once when a peer dies.
+
+Diagnostics: STRATA_HANG_DUMP_S=N makes every rank print all its threads' Python stacks when its startup or
+one step takes longer than N seconds (faulthandler), to see where a hung collective sits.
 """
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import json
 import logging
 import multiprocessing.connection
@@ -41,6 +45,18 @@ from strata.parallel.launch import ParallelSpec, check_master, needs_executor, r
 from strata.parallel.stage import StageRunner, make_msg, runner_order
 
 log = logging.getLogger("strata.executor")
+_HANG_S = float(os.environ.get("STRATA_HANG_DUMP_S") or 0)  # diagnostics: stacks of a rank stuck this long
+
+
+def _arm(what: str) -> None:
+    """With STRATA_HANG_DUMP_S set, print every thread's stack if `what` (startup, a step) takes longer."""
+    if _HANG_S > 0:
+        faulthandler.dump_traceback_later(_HANG_S, exit=False)
+
+
+def _disarm() -> None:
+    if _HANG_S > 0:
+        faulthandler.cancel_dump_traceback_later()
 
 
 # ------------------------------------------------------------------------------------------- every rank
@@ -115,6 +131,10 @@ def _init_rank(args: EngineArgs, spec: ParallelSpec, rank: int, source, model_cf
 
     if spec.device_type == "cuda":
         torch.cuda.set_device(spec.local_rank_of(rank))
+    if spec.nnodes == 1 and not os.environ.get("GLOO_SOCKET_IFNAME"):
+        # gloo (CPU data plane, and the control group everywhere) otherwise binds to the address the hostname
+        # resolves to, which in some VMs and containers is not reachable; one node talks over loopback.
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     ps.init_parallel(tensor_parallel_size=spec.tp, pipeline_parallel_size=spec.pp, rank=rank,
                      world_size=spec.world_size, backend=spec.backend, init_method=spec.init_method,
                      timeout_s=spec.timeout_s, enable_expert_parallel=spec.enable_expert_parallel)
@@ -142,7 +162,11 @@ def _init_rank(args: EngineArgs, spec: ParallelSpec, rank: int, source, model_cf
     nb, mml, mnbt = ps.all_reduce_min_ints([mem.num_blocks, mem.max_model_len, mem.max_num_batched_tokens])
     stage = StageRunner(model, device=torch.device(device), dtype=dtype, block_size=args.block_size,
                         hidden_size=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size, driver_rank=0,
-                        last_stage_rank=spec.last_stage_driver_rank)
+                        last_stage_rank=spec.last_stage_driver_rank, max_num_seqs=args.max_num_seqs,
+                        max_model_len=mml,
+                        # EP dispatch sizes its all-to-all from the routing on the host: not capturable
+                        enforce_eager=args.enforce_eager or (spec.enable_expert_parallel and
+                                                             bool(model_cfg.num_experts)))
     stage.allocate_kv_cache(nb)
     return _Rank(spec, rank, model_cfg, model, stage, torch.device(device), dtype, nb, mml, mnbt)
 
@@ -154,7 +178,9 @@ def _serve(r: _Rank) -> None:
         msg = ps.broadcast_object(None)
         kind = msg[0]
         if kind == "step":
+            _arm("step")
             r.stage.run(msg[1])
+            _disarm()
         elif kind == "rpc":
             ps.gather_objects(getattr(handler, msg[1])(*msg[2]))
         elif kind == "stop":
@@ -179,8 +205,10 @@ def _worker_main(args: EngineArgs, spec: ParallelSpec, rank: int, parent_pid: in
     if spec.device_type == "cpu":
         torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 1) // spec.ranks_per_node))
     try:
+        _arm("startup")
         source, model_cfg = _resolve(args)
         r = _init_rank(args, spec, rank, source, model_cfg)
+        _disarm()
     except Exception as e:  # noqa: BLE001 - the driver reports it
         log.debug("rank %d startup failed: %s", rank, e)
         return 1
@@ -337,8 +365,10 @@ class MultiprocExecutor:
         with self._lock:
             self._check()
             try:
+                _arm("step")
                 ps.broadcast_object(("step", msg))
                 outs = self.stage.run(msg)
+                _disarm()
             except Exception as e:
                 time.sleep(0.2)  # let the monitor name the dead worker, when that is the cause
                 self._die(self._dead or f"step failed: {type(e).__name__}: {e}")
@@ -428,7 +458,9 @@ def build_parallel_engine(engine_cls, args: EngineArgs):
         torch.set_num_threads(args.num_threads)
     procs = _spawn(args, spec, spec.node_ranks[1:]) if spec.launcher == "spawn" else []
     try:
+        _arm("startup")
         r = _init_rank(args, spec, 0, source, model_cfg)
+        _disarm()
     except BaseException:
         _kill(procs)
         _teardown(spec.backend == "gloo")

@@ -7,8 +7,8 @@ what to sample) and broadcasts it; every rank, the driver included, runs `StageR
       first stage: embed;  other stages: receive the residual stream from the previous stage
       forward this stage's layers (KV written into this rank's cache)
       not last: send hidden + residual (one tensor: the next layer's add-then-norm is the same sum)
-      last: logits of the sampled rows (TP all-gather inside); TP rank 0 of the last stage returns to the
-            driver the argmax ids (all-greedy steps) or the logits (anything else)
+      last: logits of the sampled rows (TP all-gather inside); after the last micro-batch, TP rank 0 of the
+            last stage returns to the driver the argmax ids (all-greedy steps) or the logits (anything else)
 
 Sends are asynchronous, so stage s works on micro-batch i+1 while stage s+1 works on micro-batch i.
 With TP > 1 each TP rank sends only its 1/TP slice of the hidden size across the stage boundary and the
@@ -36,6 +36,7 @@ class ChunkMsg:
     sample: bool
     token_ids: list[int]  # the tokens at positions [start, start + num_tokens)
     block_ids: list[int]  # the request's whole block table
+    slot: int | None = None  # the request's stable slot (per-slot block tables of the CUDA-graph path)
 
     @property
     def is_decode(self) -> bool:
@@ -48,6 +49,7 @@ class StepMsg:
     microbatches: list[tuple[int, int]]  # [a, b) ranges over chunks
     greedy_ids: bool = False  # the last stage may return argmax ids instead of logits
     num_sampled: int = 0
+    new_slots: list[int] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
 
 
@@ -82,22 +84,26 @@ def split_microbatches(chunks: list[ChunkMsg], m: int) -> list[tuple[int, int]]:
 def make_msg(plan: StepPlan, pp: int, greedy_ids: bool) -> tuple[StepMsg, list[ScheduledChunk]]:
     ordered = runner_order(plan)
     chunks = [ChunkMsg(c.start, c.num_tokens, c.sample, c.request.tokens(c.start, c.start + c.num_tokens),
-                       list(c.request.block_ids)) for c in ordered]
+                       list(c.request.block_ids), c.request.slot) for c in ordered]
     mbs = split_microbatches(chunks, pp) if pp > 1 else [(0, len(chunks))]
-    return StepMsg(chunks, mbs, greedy_ids, sum(1 for c in ordered if c.sample)), ordered
+    return StepMsg(chunks, mbs, greedy_ids, sum(1 for c in ordered if c.sample), list(plan.new_slots)), ordered
 
 
 class StageRunner:
     """This rank's pipeline stage: builds inputs from a StepMsg and runs the stage's layers."""
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype, block_size: int,
-                 hidden_size: int, vocab_size: int, driver_rank: int = 0, last_stage_rank: int = 0):
-        # A ModelRunner supplies the KV pool and the attention metadata, so that both follow the runner's
-        # own layout; its sampling is not used here.
-        self.runner = ModelRunner(model, device=device, dtype=dtype, block_size=block_size)
+                 hidden_size: int, vocab_size: int, driver_rank: int = 0, last_stage_rank: int = 0,
+                 max_num_seqs: int = 256, max_model_len: int = 2048, enforce_eager: bool = True):
+        # A ModelRunner supplies the KV pool, the attention metadata and (CUDA, PP = 1) the decode CUDA graphs,
+        # so that all of them follow the runner's own layout; its sampling is not used here. Every TP rank
+        # captures the same graphs in the same order, so the collectives inside them replay in lockstep.
+        pp = ps.pp()
+        self.runner = ModelRunner(model, device=device, dtype=dtype, block_size=block_size,
+                                  max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                  enforce_eager=enforce_eager or pp.size > 1)
         self.model, self.device, self.dtype = model, device, dtype
         self.hidden, self.vocab = hidden_size, vocab_size
-        pp = ps.pp()
         self.pp_size, self.is_first, self.is_last = pp.size, pp.is_first, pp.is_last
         self.prev_rank = pp.ranks[pp.rank_in_group - 1] if not pp.is_first else None
         self.next_rank = pp.ranks[pp.rank_in_group + 1] if not pp.is_last else None
@@ -135,14 +141,26 @@ class StageRunner:
         if self.slice_boundary:
             w = self.hidden // self.tp.size
             x = x[:, self.tp.rank_in_group * w:(self.tp.rank_in_group + 1) * w]
-        return ps.send(x.contiguous(), self.next_rank, tag, what="send")
+        x = x.contiguous()
+        return ps.send(x, self.next_rank, tag, what="send"), x
+
+    def _sync_tables(self, msg: StepMsg) -> None:
+        chunks = [SimpleNamespace(request=SimpleNamespace(slot=c.slot, block_ids=c.block_ids)) for c in msg.chunks]
+        self.runner.tables.sync(SimpleNamespace(new_slots=msg.new_slots, chunks=chunks))
 
     @torch.inference_mode()
     def run(self, msg: StepMsg) -> list[torch.Tensor]:
         """Run this stage over every micro-batch. Returns, on the driver, one tensor per micro-batch with
         sampled rows (logits [n, V], or argmax ids [n] when msg.greedy_ids): the rows in chunk order."""
-        pending, out = [], []
+        pending, out, returns = [], [], []
         is_driver = self.rank == self.driver_rank
+        if self.runner.tables is not None:
+            self._sync_tables(msg)
+        graphs = self.runner.graphs
+        if graphs is not None and all(c.is_decode for c in msg.chunks) and graphs.fits(len(msg.chunks)):
+            logits = graphs.run([c.token_ids[0] for c in msg.chunks], [c.start for c in msg.chunks],
+                                [c.slot for c in msg.chunks])  # [B, V], every decode samples
+            return [logits] if is_driver else []
         for i, (a, b) in enumerate(msg.microbatches):
             chunks = msg.chunks[a:b]
             input_ids, positions, meta = self._inputs(chunks)
@@ -167,7 +185,12 @@ class StageRunner:
                     out.append(logits)
             elif self.rank == self.last_stage_rank:
                 payload = logits.argmax(dim=-1) if msg.greedy_ids else logits
-                pending.append(ps.send(payload.contiguous(), self.driver_rank, RETURN_TAG + i, what="return"))
+                returns.append((payload.contiguous(), i))
+        # Replies go after every micro-batch's receive has been posted: with PP = 2 they share the driver's
+        # NCCL pair with the activations, and NCCL runs one pair's operations in order, so a reply posted between
+        # two receives could wait on a send the driver queued behind its own receive of that reply.
+        for payload, i in returns:
+            pending.append((ps.send(payload, self.driver_rank, RETURN_TAG + i, what="return"), payload))
         if is_driver and self.pp_size > 1:
             for i, (a, b) in enumerate(msg.microbatches):
                 n = sum(1 for c in msg.chunks[a:b] if c.sample)
@@ -178,6 +201,6 @@ class StageRunner:
                 else:
                     out.append(ps.recv((n, self.vocab), self.dtype, self.device, self.last_stage_rank,
                                        RETURN_TAG + i))
-        for w in pending:
+        for w, _ in pending:  # the tensors stay referenced until their sends complete
             w.wait()
         return out

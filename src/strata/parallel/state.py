@@ -122,9 +122,15 @@ def init_parallel(*, tensor_parallel_size: int, pipeline_parallel_size: int = 1,
         _groups["ep"] = GroupInfo("ep", t.ranks, t.rank_in_group, t.group)
     everyone = list(range(world_size))
     _groups["world"] = GroupInfo("world", everyone, rank, dist.group.WORLD if world_size > 1 else None)
-    # The control plane is CPU (pickled step messages): a gloo group even when the data plane is NCCL.
-    cg = dist.new_group(everyone, backend="gloo", timeout=datetime.timedelta(seconds=CTRL_TIMEOUT_S)) \
-        if world_size > 1 else None
+    # The control plane is CPU (pickled step messages): a gloo group even when the data plane is NCCL. It is
+    # made with the ordinary timeout, so that a failed connection surfaces, then relaxed for idle waits.
+    cg = None
+    if world_size > 1:
+        cg = dist.new_group(everyone, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        dist.barrier(group=cg)
+        relax = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+        if relax is not None:
+            relax(datetime.timedelta(seconds=CTRL_TIMEOUT_S), cg)
     _groups["ctrl"] = GroupInfo("ctrl", everyone, rank, cg)
     _initialized = True
 

@@ -1,0 +1,449 @@
+"""Model parallelism on GPUs (NCCL): parity, latency, throughput, a model too large for one GPU, overlap on/off.
+
+    python benchmarks/parallel_gpu.py --out results_dir [--workloads DIR] [--cases parity,latency8b,...]
+                                      [--quick]
+
+Run on 2 x H200 (one host). Every case runs in a fresh child process (clean GPU memory, fresh NCCL), with
+random bf16 weights of the real architecture (`--load-format dummy`, the protocol's standard) written as a
+config directory here; EOS is ignored so every request produces exactly its output length.
+
+Cases (each writes <out>/parallel_gpu-<case>.json; all of them also go to <out>/parallel_gpu.json as
+{"runs": [...]} records that benchmarks/plan_vs_measured.py reads):
+  smoke        tiny float32 model: TP=2 / PP=2 eager, then with CUDA graphs, against TP=1 (a hang shows up
+               here first: every rank prints its stacks after 120 s, STRATA_HANG_DUMP_S)
+  parity       reference model (Qwen3-4B arch): greedy tokens of TP=2 and PP=2 against TP=1, bf16 and float32,
+               8 prompts x 64 tokens (bf16: sums split over ranks round differently, so random weights with flat
+               logits may flip a near-tie; float32 is the exactness check)
+  latency8b    Llama-3-8B arch, batch 1, 1024-token prompt, 128 tokens: TTFT and time per output token for
+               TP=1 and TP=2 (CUDA graphs, and eager), target TP=2 <= 0.7 x TP=1
+  sharegpt     reference model, sharegpt1000: DP=1 (one GPU), DP=2 (target >= 1.9x), TP=2, PP=2
+  big70b       Llama-3-70B arch (141 GB bf16: does not fit one H200): TP=2 and PP=2, batch-1 latency and a
+               256-request random 512/128 throughput run, memory per GPU
+  overlap      Llama-3-8B arch, TP=2: --tp-comm-overlap on vs off: prefill throughput (32 x 2048-token prompts,
+               1 output token) and batch-1 time per token
+--quick shrinks every workload (a smoke run of the script itself).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+ARCHS = {
+    "qwen3-4b": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+                 "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True, "rope_theta": 1000000.0,
+                 "rms_norm_eps": 1e-6, "max_position_embeddings": 40960, "torch_dtype": "bfloat16",
+                 "bos_token_id": 151643, "eos_token_id": 151645},
+    "llama-3-8b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+                   "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0,
+                   "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "tie_word_embeddings": False,
+                   "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001},
+    "llama-3-70b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+                    "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                    "num_attention_heads": 64, "num_key_value_heads": 8, "rope_theta": 500000.0,
+                    "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "tie_word_embeddings": False,
+                    "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001},
+}
+ENGINE = dict(load_format="dummy", max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=8192,
+              gpu_memory_utilization=0.9, dist_timeout=600.0)
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+DRY = False  # --dry-run: the whole script on CPU with shrunken models (checks the script, measures nothing)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=49152, head_dim=16)
+
+
+def model_dir(arch: str, base: str) -> str:
+    d = os.path.join(base, arch)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump({**ARCHS[arch], **(TINY if DRY else {})}, f)
+    return d
+
+
+def find_workloads(explicit: str | None) -> str | None:
+    for d in [explicit, os.path.join(ROOT, "..", "shared", "workloads"), os.path.join(ROOT, "shared", "workloads"),
+              os.path.join(ROOT, ".carry", "workloads"), os.path.join(ROOT, ".carry", "bench-workloads")]:
+        if d and os.path.isfile(os.path.join(d, "sharegpt1000.json")):
+            return d
+    return None
+
+
+# ------------------------------------------------------------------------------------------ child side
+def _sync():
+    import torch
+    if torch.cuda.is_available() and ENGINE.get("device") != "cpu":
+        torch.cuda.synchronize()
+
+
+def _engine(path: str, **kw):
+    from strata.config.engine import EngineArgs
+    from strata.engine.llm_engine import LLMEngine
+    t = time.perf_counter()
+    engine = LLMEngine.from_engine_args(EngineArgs(model=path, **{**ENGINE, **kw}))
+    return engine, time.perf_counter() - t
+
+
+def _close(engine):
+    close = getattr(engine, "shutdown", None)
+    if callable(close):
+        close()
+
+
+def _drain(engine) -> dict:
+    out = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = o
+    return out
+
+
+def _memory(engine) -> list[dict]:
+    import torch
+    r = engine.runner
+    if hasattr(r, "collective_rpc"):
+        return r.collective_rpc("memory")
+    params = sum(p.numel() * p.element_size() for p in r.model.parameters())
+    kv = sum(k.numel() * k.element_size() * 2 for k, _ in r.kv_caches)
+    return [{"weights_bytes": params, "kv_cache_bytes": kv, "max_allocated_bytes": torch.cuda.max_memory_allocated()}]
+
+
+def _prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, 30000, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def child_parity(path, layout, dtype, n_tok):
+    from strata.core.sampling_params import SamplingParams
+    engine, load_s = _engine(path, dtype=dtype, **layout)
+    try:
+        ps = _prompts(8, 100)
+        for i, p in enumerate(ps):
+            engine.add_request(str(i), p[: 20 + 10 * i], SamplingParams(max_tokens=n_tok, temperature=0.0,
+                                                                       ignore_eos=True))
+        outs = _drain(engine)
+        return {"tokens": [outs[str(i)].outputs[0].token_ids for i in range(8)], "load_s": round(load_s, 1)}
+    finally:
+        _close(engine)
+
+
+def _latency(engine, ctx: int, n_out: int) -> dict:
+    from strata.core.sampling_params import SamplingParams
+    prompt = _prompts(1, ctx, seed=3)[0]
+    engine.add_request("warm", prompt[:64], SamplingParams(max_tokens=8, ignore_eos=True))
+    _drain(engine)
+    engine.add_request("lat", prompt, SamplingParams(max_tokens=n_out, temperature=0.0, ignore_eos=True))
+    times = []
+    while engine.has_unfinished_requests():
+        _sync()
+        t = time.perf_counter()
+        engine.step()
+        _sync()
+        times.append(time.perf_counter() - t)
+    decode = sorted(times[1:])
+    return {"batch": 1, "context": ctx, "output": n_out, "ttft_ms": round(times[0] * 1e3, 2),
+            "tpot_ms": round(sum(decode) / len(decode) * 1e3, 3),
+            "tpot_median_ms": round(decode[len(decode) // 2] * 1e3, 3)}
+
+
+def child_latency(path, layout, ctx, n_out, extra=None):
+    engine, load_s = _engine(path, **layout, **(extra or {}))
+    try:
+        r = _latency(engine, ctx, n_out)
+        r.update(load_s=round(load_s, 1), memory=_memory(engine))
+        return r
+    finally:
+        _close(engine)
+
+
+def _throughput(generate, records, label) -> dict:
+    from strata.core.sampling_params import SamplingParams
+    ps = [SamplingParams(max_tokens=r["output_len"], temperature=0.0, ignore_eos=True) for r in records]
+    t = time.perf_counter()
+    outs = generate([r["prompt_ids"] for r in records], ps)
+    _sync()
+    dt = time.perf_counter() - t
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    n_in = sum(len(r["prompt_ids"]) for r in records)
+    return {"workload": label, "requests": len(records), "seconds": round(dt, 3), "output_tokens": n_out,
+            "output_tok_s": round(n_out / dt, 1), "total_tok_s": round((n_in + n_out) / dt, 1)}
+
+
+def child_throughput(path, layout, records, label, dp=1, extra=None):
+    kw = {**layout, **(extra or {})}
+    if dp > 1:
+        from strata.engine.dp import DataParallelLLM
+        t = time.perf_counter()
+        llm = DataParallelLLM(path, data_parallel_size=dp, **{**ENGINE, **kw})
+        load_s = time.perf_counter() - t
+        try:
+            llm.generate(_prompts(4, 64, seed=99), None)  # warm-up (prompts unlike the workload's: no cache hits)
+            r = _throughput(lambda p, s: llm.generate(p, s), records, label)
+        finally:
+            llm.shutdown()
+        r.update(load_s=round(load_s, 1))
+        return r
+    from strata.engine.llm import LLM
+    t = time.perf_counter()
+    llm = LLM(path, **{**ENGINE, **kw})
+    load_s = time.perf_counter() - t
+    try:
+        llm.generate(_prompts(8, 64, seed=99), None, use_tqdm=False)  # warm-up, no prefix-cache hits later
+        r = _throughput(lambda p, s: llm.generate(p, s, use_tqdm=False), records, label)
+        r.update(load_s=round(load_s, 1), memory=_memory(llm.engine))
+        return r
+    finally:
+        _close(llm.engine)
+
+
+def child_main(spec: dict) -> dict:
+    kind = spec.pop("kind")
+    if spec.get("tokenizer"):
+        ENGINE["tokenizer"] = spec["tokenizer"]
+    spec.pop("tokenizer", None)
+    if spec.pop("quick", False):  # fewer CUDA graphs to capture
+        ENGINE["max_num_seqs"] = 64
+    if spec.pop("dry", False):
+        ENGINE.update(device="cpu", dtype="float32", num_threads=1, num_gpu_blocks_override=512, max_model_len=2048,
+                      max_num_batched_tokens=2048)
+        spec.pop("dtype", None) if kind == "parity" else None
+        if kind == "parity":
+            spec["dtype"] = "float32"
+    if "records_file" in spec:
+        with open(spec.pop("records_file")) as f:
+            spec["records"] = json.load(f)[: spec.pop("limit", None)]
+    return {"parity": child_parity, "latency": child_latency, "throughput": child_throughput}[kind](**spec)
+
+
+# ------------------------------------------------------------------------------------------ parent side
+TOKENIZER: str | None = None
+QUICK = False
+
+
+def run_child(spec: dict, timeout: int = 1800) -> dict:
+    """One case in a fresh process. A hung child is killed after `timeout` s; with STRATA_HANG_DUMP_S every rank
+    prints its Python stacks first, and the tail of its output is kept in the result."""
+    spec = {**spec, "tokenizer": TOKENIZER, "quick": QUICK, "dry": DRY}
+    label = json.dumps({k: v for k, v in spec.items() if k not in ("records_file",)})[:200]
+    log(f"== {label}")
+    t = time.perf_counter()
+    env = {**os.environ, "STRATA_HANG_DUMP_S": os.environ.get("STRATA_HANG_DUMP_S", "300")}
+    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        out, err = p.communicate()
+        log(err[-6000:])
+        return {"error": f"timed out after {timeout}s", "stderr_tail": err[-6000:]}
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        log(err[-4000:])
+        return {"error": f"exit {p.returncode}", "stderr_tail": err[-4000:]}
+    r = json.loads(lines[-1])
+    r["wall_s"] = round(time.perf_counter() - t, 1)
+    log(f"   -> {json.dumps({k: v for k, v in r.items() if k != 'tokens'})[:600]}")
+    return r
+
+
+def case_smoke(base, args):
+    """tests/parallel_support/gpu_check.py: tiny float32 model, TP=2 / PP=2 eager, then with CUDA graphs."""
+    if DRY:
+        return {"case": "smoke", "status": "skipped (dry run: needs CUDA)"}, []
+    env = {**os.environ, "STRATA_HANG_DUMP_S": "120", "PYTHONPATH": ROOT + os.pathsep + os.path.join(ROOT, "src")}
+    cmd = [sys.executable, "-m", "tests.parallel_support.gpu_check"] + (["--tokenizer", TOKENIZER] if TOKENIZER else [])
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=600)
+        status = p.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        out, err = p.communicate()
+        status = "timeout"
+    log(out[-3000:])
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    res = {"case": "smoke", "status": status, "steps": out.splitlines()[-12:]}
+    if lines:
+        res["results"] = json.loads(lines[-1])
+    else:
+        res["stderr_tail"] = err[-6000:]
+    return res, []
+
+
+def layout_name(layout: dict) -> str:
+    return f"tp{layout.get('tensor_parallel_size', 1)}_pp{layout.get('pipeline_parallel_size', 1)}"
+
+
+def case_parity(base, args):
+    d = model_dir("qwen3-4b", base)
+    n_tok = 16 if QUICK else 64
+    res = {}
+    for dtype in ("bfloat16", "float32"):
+        ref = run_child({"kind": "parity", "path": d, "layout": {}, "dtype": dtype, "n_tok": n_tok})
+        for lay in ({"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}):
+            got = run_child({"kind": "parity", "path": d, "layout": lay, "dtype": dtype, "n_tok": n_tok})
+            if "tokens" not in got or "tokens" not in ref:
+                res[f"{dtype}_{layout_name(lay)}"] = {"error": got.get("error") or ref.get("error")}
+                continue
+            equal = [a == b for a, b in zip(got["tokens"], ref["tokens"])]
+            first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                     for a, b in zip(got["tokens"], ref["tokens"])]
+            res[f"{dtype}_{layout_name(lay)}"] = {"sequences_equal": sum(equal), "of": len(equal),
+                                                  "first_divergence": first}
+    return {"case": "parity", "model": "qwen3-4b", "tokens_per_sequence": n_tok, "results": res}, []
+
+
+def case_latency8b(base, args):
+    d = model_dir("llama-3-8b", base)
+    ctx, n_out = (256, 32) if QUICK else (1024, 128)
+    res, runs = {}, []
+    for name, lay, extra in [("tp1", {}, {}), ("tp1_eager", {}, {"enforce_eager": True}),
+                             ("tp2_eager", {"tensor_parallel_size": 2}, {"enforce_eager": True}),
+                             ("tp2", {"tensor_parallel_size": 2}, {})]:
+        r = run_child({"kind": "latency", "path": d, "layout": lay, "ctx": ctx, "n_out": n_out, "extra": extra})
+        res[name] = r
+        if "tpot_ms" in r:
+            runs.append({"model": "llama-3-8b", "workload": "random", "prompt_len": ctx, "output_len": n_out,
+                         "concurrency": 1, "tp": lay.get("tensor_parallel_size", 1), "pp": 1, "dp": 1,
+                         "tpot_ms": r["tpot_ms"], "ttft_ms": r["ttft_ms"], "variant": name})
+    if "tpot_ms" in res["tp1"] and "tpot_ms" in res["tp2"]:
+        res["tp2_over_tp1"] = round(res["tp2"]["tpot_ms"] / res["tp1"]["tpot_ms"], 3)
+        res["target_met"] = res["tp2_over_tp1"] <= 0.7
+    return {"case": "latency8b", "model": "llama-3-8b", "results": res}, runs
+
+
+def case_sharegpt(base, args):
+    d = model_dir("qwen3-4b", base)
+    wdir = find_workloads(args.workloads)
+    if wdir is None:
+        return {"case": "sharegpt", "error": "sharegpt1000.json not found (pass --workloads DIR)"}, []
+    spec = {"records_file": os.path.join(wdir, "sharegpt1000.json"), "label": "sharegpt1000"}
+    if QUICK:
+        spec["limit"] = 16 if DRY else 100
+    res, runs = {}, []
+    for name, lay, dp in [("dp1", {}, 1), ("dp2", {}, 2), ("tp2", {"tensor_parallel_size": 2}, 1),
+                          ("pp2", {"pipeline_parallel_size": 2}, 1)]:
+        r = run_child({"kind": "throughput", "path": d, "layout": lay, "dp": dp, **spec})
+        res[name] = r
+        if "output_tok_s" in r:
+            runs.append({"model": "qwen3-4b", "workload": "sharegpt1000", "tp": lay.get("tensor_parallel_size", 1),
+                         "pp": lay.get("pipeline_parallel_size", 1), "dp": dp, "output_tok_s": r["output_tok_s"],
+                         "variant": name})
+    if "output_tok_s" in res.get("dp1", {}) and "output_tok_s" in res.get("dp2", {}):
+        res["dp2_over_dp1"] = round(res["dp2"]["output_tok_s"] / res["dp1"]["output_tok_s"], 3)
+        res["target_met"] = res["dp2_over_dp1"] >= 1.9
+    return {"case": "sharegpt", "model": "qwen3-4b", "results": res}, runs
+
+
+def case_big70b(base, args):
+    d = model_dir("llama-3-70b", base)
+    n, plen, olen = (32, 256, 32) if QUICK else (256, 512, 128)
+    wl = os.path.join(base, f"random_{n}_{plen}_{olen}.json")
+    with open(wl, "w") as f:
+        json.dump([{"prompt_ids": p, "output_len": olen} for p in _prompts(n, plen, seed=7)], f)
+    res, runs = {}, []
+    for lay in ({"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}):
+        name = layout_name(lay)
+        lat = run_child({"kind": "latency", "path": d, "layout": lay, "ctx": 1024 if not QUICK else 256,
+                         "n_out": 64 if not QUICK else 16})
+        thr = run_child({"kind": "throughput", "path": d, "layout": lay, "records_file": wl,
+                         "label": f"random{plen}/{olen}x{n}"})
+        res[name] = {"latency": lat, "throughput": thr}
+        common = {"model": "llama-3-70b", "workload": "random", "tp": lay.get("tensor_parallel_size", 1),
+                  "pp": lay.get("pipeline_parallel_size", 1), "dp": 1}
+        if "tpot_ms" in lat:
+            runs.append({**common, "prompt_len": lat["context"], "output_len": lat["output"], "concurrency": 1,
+                         "tpot_ms": lat["tpot_ms"], "ttft_ms": lat["ttft_ms"]})
+        if "output_tok_s" in thr:
+            runs.append({**common, "prompt_len": plen, "output_len": olen, "concurrency": n,
+                         "output_tok_s": thr["output_tok_s"]})
+    return {"case": "big70b", "model": "llama-3-70b", "results": res}, runs
+
+
+def case_overlap(base, args):
+    d = model_dir("llama-3-8b", base)
+    n, plen = (8, 1024) if QUICK else (32, 2048)
+    wl = os.path.join(base, f"prefill_{n}_{plen}.json")
+    with open(wl, "w") as f:
+        json.dump([{"prompt_ids": p, "output_len": 1} for p in _prompts(n, plen, seed=11)], f)
+    res = {}
+    for name, on in (("off", False), ("on", True)):
+        lay = {"tensor_parallel_size": 2}
+        res[name] = {
+            "prefill": run_child({"kind": "throughput", "path": d, "layout": lay, "records_file": wl,
+                                  "label": f"prefill {n}x{plen}", "extra": {"tp_comm_overlap": on}}),
+            "latency": run_child({"kind": "latency", "path": d, "layout": lay, "ctx": 1024, "n_out": 64,
+                                  "extra": {"tp_comm_overlap": on}}),
+        }
+    try:
+        res["prefill_speedup"] = round(res["on"]["prefill"]["total_tok_s"] / res["off"]["prefill"]["total_tok_s"], 3)
+    except (KeyError, ZeroDivisionError):
+        pass
+    return {"case": "overlap", "model": "llama-3-8b", "results": res}, []
+
+
+CASES = {"smoke": case_smoke, "parity": case_parity, "latency8b": case_latency8b, "sharegpt": case_sharegpt, "big70b": case_big70b,
+         "overlap": case_overlap}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--workloads", default=None, help="directory holding sharegpt1000.json")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {','.join(CASES)}")
+    ap.add_argument("--quick", action="store_true", help="small workloads: a smoke run of this script")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: .carry/tok if present, else "
+                                                      "the embedded SmolLM2 tokenizer)")
+    ap.add_argument("--dry-run", action="store_true", help="run the script on CPU with tiny models (no figures)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child_main(json.loads(args.child))), flush=True)
+        return 0
+    import torch
+    global TOKENIZER, QUICK, DRY
+    DRY = args.dry_run
+    QUICK = args.quick or DRY
+    TOKENIZER = args.tokenizer or (os.path.join(ROOT, ".carry", "tok")
+                                   if os.path.isdir(os.path.join(ROOT, ".carry", "tok")) else None)
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "gpus": torch.cuda.device_count(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                     cwd=ROOT).stdout.strip(),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "quick": QUICK}
+    base = tempfile.mkdtemp(prefix="strata-parallel-gpu-")
+    all_runs = []
+    for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
+        t = time.perf_counter()
+        result, runs = CASES[name](base, args)
+        result.update(meta, case_seconds=round(time.perf_counter() - t, 1))
+        with open(os.path.join(args.out, f"parallel_gpu-{name}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        all_runs += [{**meta, **r} for r in runs]
+        with open(os.path.join(args.out, "parallel_gpu.json"), "w") as f:
+            json.dump({"runs": all_runs}, f, indent=1)
+        log(f"== {name} done in {result['case_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
