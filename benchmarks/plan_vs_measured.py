@@ -31,13 +31,17 @@ def _fmt(v: float | None, metric: str) -> str:
     return f"{v:,.0f}" if metric == "output_tok_s" else f"{v:.2f}"
 
 
-def table(comparisons) -> str:
+def table(comparisons, notes: bool = True) -> str:
+    notes = _notes(comparisons) if notes else []
     rows = [["run", "gpu", "model", "layout", "workload"] + [f"{m} meas/pred/err" for m in METRICS]]
     for c in comparisons:
         r = c.run
         cells = [os.path.basename(r.source), r.gpu, r.model, r.layout.label, r.workload_name]
         for m in METRICS:
-            if m not in r.measured:
+            if m in r.not_compared:
+                v = r.record.get("_shown", {}).get(m)
+                cells.append(f"({_fmt(v, m)}) n/c")
+            elif m not in r.measured:
                 cells.append("-")
             elif c.problem:
                 cells.append(f"{_fmt(r.measured[m], m)} / ? ")
@@ -45,13 +49,31 @@ def table(comparisons) -> str:
                 e = c.error[m]
                 flag = " !" if abs(e) > TOLERANCE else ""
                 cells.append(f"{_fmt(r.measured[m], m)} / {_fmt(c.predicted[m], m)} / {e:+.0%}{flag}")
+        if not r.fit:
+            cells[0] += " *"
         rows.append(cells)
     widths = [max(len(x) for x in col) for col in zip(*rows)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows]
     for c in comparisons:
         if c.problem:
             lines.append(f"{c.run.source}: {c.problem}")
+    if notes:
+        lines.append("")
+        lines.extend(notes)
     return "\n".join(lines)
+
+
+def _notes(comparisons) -> list[str]:
+    out, seen = [], set()
+    for c in comparisons:
+        r = c.run
+        for line in ([r.note] if r.note else []) + [f"{m} n/c: {w}" for m, w in r.not_compared.items()]:
+            if line not in seen:
+                seen.add(line)
+                out.append(f"  {os.path.basename(r.source)}: {line}")
+    if any(not c.run.fit for c in comparisons):
+        out.append("  * compared, not used by --fit")
+    return out
 
 
 def main(argv=None) -> int:
@@ -86,6 +108,7 @@ def main(argv=None) -> int:
     out = {"constants": constants.to_dict(), "comparisons": [c.to_dict() for c in comps], "skipped": skipped,
            "loss": loss(comps)}
     within = [abs(e) <= TOLERANCE for c in comps for e in c.error.values()]
+    by_metric = {m: [abs(c.error[m]) <= TOLERANCE for c in comps if m in c.error] for m in METRICS}
     if args.fit:
         fitted, freed = fit(runs, constants)
         fcomps = compare(runs, fitted)
@@ -93,22 +116,26 @@ def main(argv=None) -> int:
                          "comparisons": [c.to_dict() for c in fcomps]}
         if args.write_constants:
             with open(args.write_constants, "w") as f:
-                json.dump({"constants": fitted.to_dict(), "fitted_from": [r.source for r in runs],
+                json.dump({"constants": fitted.to_dict(),
+                           "fitted_from": [os.path.basename(r.source) for r in runs if r.fit],
                            "freed": freed}, f, indent=2)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     print(f"{len(runs)} run(s) from {n_files} file(s); constants: {args.constants or 'built-in defaults'}")
     print(table(comps))
-    print(f"{sum(within)}/{len(within)} figures within {TOLERANCE:.0%}")
+    print(f"{sum(within)}/{len(within)} figures within {TOLERANCE:.0%} ("
+          + ", ".join(f"{m} {sum(v)}/{len(v)}" for m, v in by_metric.items() if v) + ")")
     for s in skipped:
         print(f"  skipped {s}")
     if args.fit:
         f = out["fitted"]
         changed = {k: v for k, v in f["constants"].items() if v != dataclasses.asdict(constants)[k]}
-        print(f"\nfitted ({', '.join(f['freed'])} free): {changed or 'no change'}; "
-              f"loss {out['loss']:.4f} -> {f['loss']:.4f}")
-        print(table(fcomps))
+        fw = [abs(e) <= TOLERANCE for c in fcomps for e in c.error.values()]
+        print(f"\nfitted on the {sum(r.fit for r in runs)} runs not marked * ({', '.join(f['freed'])} free; "
+              f"constants no run is sensitive to stay as they are): {changed or 'no change'}; "
+              f"loss {out['loss']:.4f} -> {f['loss']:.4f}; {sum(fw)}/{len(fw)} figures within {TOLERANCE:.0%}")
+        print(table(fcomps, notes=False))
         if args.write_constants:
             print(f"wrote {args.write_constants}")
     return 0

@@ -68,3 +68,34 @@ def test_compare_fit_and_use_fitted_constants(tmp_path):
     bad = parse_record({"device": "NVIDIA H100 80GB HBM3", "model": "llama-3-70b", "workload": "seed64",
                         "tpot_ms": 30}, "y")
     assert "infeasible" in compare([bad], Constants())[0].problem
+
+
+def test_benchmark_record_formats_are_read(tmp_path):
+    """The GPU benchmarks' own records (bench latency, bench throughput, serving sweeps) become flat runs."""
+    lat = {"benchmark": "latency", "device": "NVIDIA H200", "model": {"arg": "qwen3-4b", "arch": "qwen3-4b"},
+           "engine": {"max_num_seqs": 256, "tensor_parallel_size": 1}, "input_len": 1024, "output_len": 128,
+           "results": {"1": {"tpot_ms": 3.5, "ttft_ms_mean": 21.7, "output_tok_s": 271},
+                       "8": {"tpot_ms": 4.2, "ttft_ms_mean": 117.5, "output_tok_s": 1562}}}
+    thr = {"benchmark": "throughput", "device": "NVIDIA H200", "model": {"arch": "qwen3-4b"},
+           "command": "strata bench throughput --dataset seed64", "engine": {"max_num_seqs": 256},
+           "workload": {"name": "file", "num_requests": 64, "mean_prompt_len": 435.9, "mean_output_len": 100.0},
+           "strata": {"output_tok_s": 6645, "ttft_s": {"mean": 0.26}, "e2e_latency_s": {"mean": 0.95}}}
+    serve = {"model": "Qwen3-4B architecture, dummy bf16 weights", "workload": "random 1024 prompt tokens / 128 "
+             "output tokens", "runs": {"r_1": {"request_rate": 1.0, "completed": 40, "total_input_tokens": 40960,
+                                               "total_output_tokens": 5120, "request_throughput": 1.27,
+                                               "mean_e2el_ms": 569, "output_throughput": 163,
+                                               "mean_tpot_ms": 4.19, "mean_ttft_ms": 35.9}}}
+    for name, rec in (("lat", lat), ("thr", thr), ("serve", serve),
+                      ("k", {"benchmark": "kernels", "device": "NVIDIA H200"})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(rec))
+    runs, skipped, n = load_runs(str(tmp_path))
+    by = {r.workload_name: r for r in runs}
+    assert n == 4 and len(runs) == 4 and len(skipped) == 1 and "kernel" in skipped[0]
+    assert by["latency-b8"].workload.concurrency == 8 and "ttft_ms" in by["latency-b8"].not_compared
+    assert by["latency-b1"].measured == {"output_tok_s": 271, "tpot_ms": 3.5, "ttft_ms": 21.7}
+    assert (by["seed64"].workload.prompt_len, by["seed64"].workload.concurrency) == (436, 64)
+    assert by["seed64"].measured["tpot_ms"] == pytest.approx(1e3 * (0.95 - 0.26) / 99)
+    s = by["serve-1rps"]
+    assert (s.model, s.workload.prompt_len, s.workload.output_len, s.workload.concurrency) == ("qwen3-4b", 1024,
+                                                                                               128, 1)
+    assert "output_tok_s" in s.not_compared  # arrival-limited
