@@ -8,7 +8,8 @@ tests against real servers, set STRATA_TEST_REPLICA_CMD to a template, e.g.
 `{host}` and `{port}` are filled in; registration flags (`--register-with URL --region R`) are appended when a
 test asks for self-registration, and the router key is passed as $STRATA_ROUTER_KEY. Tests that need fault
 injection the real server does not have (500-only replicas, dying after N tokens) are skipped with
-`needs_fake`.
+`needs_fake`. A test can also give one replica its own command (`ReplicaProc(..., cmd=[...])`, `{host}` and
+`{port}` filled in): tests/test_router_real.py runs real `strata serve` replicas that way, always.
 """
 from __future__ import annotations
 
@@ -112,8 +113,10 @@ class Proc:
 class ReplicaProc(Proc):
     def __init__(self, tmp: Path, *, host: str = "127.0.0.1", port: int | None = None, region: str | None = None,
                  register_with: str | None = None, fake_args: list[str] | None = None,
-                 prefix: list[str] | None = None, advertise: str | None = None, real_args: list[str] | None = None):
+                 prefix: list[str] | None = None, advertise: str | None = None, real_args: list[str] | None = None,
+                 cmd: list[str] | None = None):
         self.real_args = real_args or []
+        self.cmd = cmd        # an explicit replica command ({host}/{port} filled in), e.g. a real `strata serve`
         self.host = host
         self.port = port or free_port()
         self.region = region
@@ -132,7 +135,9 @@ class ReplicaProc(Proc):
         return self.url.split("://", 1)[1]
 
     def _argv(self) -> list[str]:
-        if REPLICA_CMD:
+        if self.cmd is not None:
+            argv = [a.format(host=self.host, port=self.port) for a in self.cmd] + self.real_args
+        elif REPLICA_CMD:
             argv = shlex.split(REPLICA_CMD.format(host=self.host, port=self.port)) + self.real_args
         else:
             argv = [sys.executable, str(FAKE), "--host", self.host, "--port", str(self.port), *self.fake_args]
@@ -236,8 +241,10 @@ def start_all(procs):
 # ------------------------------------------------------------------------------------------ clients
 
 async def acomplete(session, base: str, prompt: str, *, max_tokens: int = 8, stream: bool = False,
-                    chat: bool = False, headers: dict | None = None, extra: dict | None = None) -> dict:
-    """One request; returns {"status", "text", "ids", "region", "replica", "error", "events"}."""
+                    chat: bool = False, headers: dict | None = None, extra: dict | None = None,
+                    on_event=None) -> dict:
+    """One request; returns {"status", "text", "ids", "region", "replica", "error", "events"}.
+    `on_event(out)`, if given, is called after each streamed chunk (e.g. to kill a replica mid-stream)."""
     body: dict = {"max_tokens": max_tokens, "temperature": 0, "stream": stream}
     if chat:
         body["messages"] = [{"role": "user", "content": prompt}]
@@ -291,6 +298,8 @@ async def acomplete(session, base: str, prompt: str, *, max_tokens: int = 8, str
                         out["text"] += ch.get("text") or ""
                     if ch.get("finish_reason"):
                         out["finish"] = ch["finish_reason"]
+                if on_event is not None:
+                    on_event(out)
         if not done and out["error"] is None:
             out["error"] = "stream ended without [DONE]"
     return out
