@@ -764,7 +764,10 @@ class Router:
         for r in self.registry:
             if r.static:
                 continue
-            if r.last_heartbeat is not None and now - r.last_heartbeat > self.cfg.heartbeat_ttl_s:
+            # Registration counts as the first heartbeat: a replica that dies before its first heartbeat
+            # is dropped after the same TTL, not only after the longer unreachable limit.
+            last = r.last_heartbeat if r.last_heartbeat is not None else r.registered_at
+            if now - last > self.cfg.heartbeat_ttl_s:
                 log.warning("replica %s missed its heartbeats; dropped", r.url)
                 r.draining = True
                 self.registry.request_finished(r)
