@@ -18,7 +18,9 @@ from strata.parallel import state as ps
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype):
+    """Attention half (shared by every family) + an MLP half that subclasses replace (`build_mlp`/`mlp`)."""
+
+    def __init__(self, cfg: ModelConfig, dtype, layer_idx: int = 0):
         super().__init__()
         d = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_attention_heads, cfg.num_key_value_heads,
@@ -31,8 +33,7 @@ class DecoderLayer(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
         self.attn = Attention(self.num_heads, d, self.num_kv_heads, d ** -0.5)
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, dtype=dtype)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype)
+        self.build_mlp(cfg, dtype, layer_idx)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.head_dim = d
@@ -53,8 +54,14 @@ class DecoderLayer(nn.Module):
         q, k = rotary(positions, q, k)
         hidden = self.o_proj(self.attn(q, k, v.contiguous()))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        hidden = self.down_proj(ops.silu_and_mul(self.gate_up_proj(hidden)))
-        return hidden, residual
+        return self.mlp(hidden), residual
+
+    def build_mlp(self, cfg: ModelConfig, dtype, layer_idx: int) -> None:
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, dtype=dtype)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype)
+
+    def mlp(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(hidden)))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -63,6 +70,8 @@ class LlamaForCausalLM(nn.Module):
         "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
+
+    layer_cls = DecoderLayer
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
@@ -78,11 +87,15 @@ class LlamaForCausalLM(nn.Module):
         self.is_first, self.is_last = pp.is_first, pp.is_last
         if self.is_first:
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, dtype) for i in range(self.start_layer, self.end_layer)})
+        self.layers = nn.ModuleDict({str(i): self.make_layer(cfg, dtype, i)
+                                     for i in range(self.start_layer, self.end_layer)})
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+
+    def make_layer(self, cfg: ModelConfig, dtype, i: int) -> nn.Module:
+        return self.layer_cls(cfg, dtype, i)
 
     @property
     def attention_layers(self) -> list[Attention]:

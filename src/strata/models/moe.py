@@ -20,16 +20,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from strata import ops
-from strata.attention.backend import Attention
-from strata.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from strata.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
-                                  RowParallelLinear)
+from strata.layers.linear import ReplicatedLinear
 from strata.layers.moe import FusedMoE
-from strata.layers.norm_rotary import RMSNorm, RotaryEmbedding
 from strata.models.config import ModelConfig
-from strata.models.llama import LlamaForCausalLM
-from strata.parallel import state as ps
+from strata.models.llama import DecoderLayer, LlamaForCausalLM
 
 _EXPERT = re.compile(r"^layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
 _STACKED = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -42,76 +36,34 @@ def is_sparse_layer(cfg: ModelConfig, i: int) -> bool:
     return bool(cfg.num_experts) and i not in set(raw.get("mlp_only_layers") or []) and (i + 1) % step == 0
 
 
-class MoeDecoderLayer(nn.Module):
+class MoeDecoderLayer(DecoderLayer):
+    """The Llama-family attention half; the MLP half is a router + experts on sparse layers."""
+
     def __init__(self, cfg: ModelConfig, dtype, layer_idx: int, renormalize: bool):
-        super().__init__()
-        d = cfg.head_dim
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                          bias=cfg.attention_bias, dtype=dtype)
-        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, bias=False, dtype=dtype)
-        self.qk_norm = cfg.qk_norm
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.attn = Attention(self.num_heads, d, self.num_kv_heads, d ** -0.5)
+        self.renormalize = renormalize
+        super().__init__(cfg, dtype, layer_idx)
+
+    def build_mlp(self, cfg: ModelConfig, dtype, layer_idx: int) -> None:
         self.sparse = is_sparse_layer(cfg, layer_idx)
         if self.sparse:  # router and experts sit on the layer itself: HF's ".mlp." level is dropped on load
             self.gate = ReplicatedLinear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype)
             self.experts = FusedMoE(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,
-                                    cfg.moe_intermediate_size, renormalize, dtype)
+                                    cfg.moe_intermediate_size, self.renormalize, dtype)
         else:
-            self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, dtype=dtype)
-            self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.head_dim = d
+            super().build_mlp(cfg, dtype, layer_idx)
 
-    def forward(self, positions, hidden, residual, rotary: RotaryEmbedding):
-        # hidden, residual: [T, hidden]
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.qk_norm:
-            T = q.shape[0]
-            q = self.q_norm(q.reshape(T, self.num_heads, self.head_dim)).view(T, self.q_size)
-            k = self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim)).view(T, self.kv_size)
-        q, k = rotary(positions, q, k)
-        hidden = self.o_proj(self.attn(q, k, v.contiguous()))
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+    def mlp(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.sparse:
-            hidden = self.experts(hidden, self.gate(hidden))  # router logits [T, E]
-        else:
-            hidden = self.down_proj(ops.silu_and_mul(self.gate_up_proj(hidden)))
-        return hidden, residual
+            return self.experts(hidden, self.gate(hidden))  # router logits [T, E]
+        return super().mlp(hidden)
 
 
 class MoeForCausalLM(LlamaForCausalLM):
     """Same skeleton as LlamaForCausalLM (embedding, PP layer range, final norm, LM head, forward, logits);
     MoE decoder layers and expert-aware loading."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
-        nn.Module.__init__(self)
-        self.cfg = cfg
-        pp = ps.pp()
-        n = cfg.num_hidden_layers
-        sizes = cfg.pp_layer_partition or [n // pp.size + (1 if i < n % pp.size else 0) for i in range(pp.size)]
-        self.start_layer = sum(sizes[: pp.rank_in_group])
-        self.end_layer = self.start_layer + sizes[pp.rank_in_group]
-        self.is_first, self.is_last = pp.is_first, pp.is_last
-        if self.is_first:
-            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        renorm = self.renormalize(cfg)
-        self.layers = nn.ModuleDict({str(i): MoeDecoderLayer(cfg, dtype, i, renorm)
-                                     for i in range(self.start_layer, self.end_layer)})
-        if self.is_last:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+    def make_layer(self, cfg: ModelConfig, dtype, i: int) -> nn.Module:
+        return MoeDecoderLayer(cfg, dtype, i, self.renormalize(cfg))
 
     @staticmethod
     def renormalize(cfg: ModelConfig) -> bool:
