@@ -44,6 +44,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -52,6 +53,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+
+# strata's CPU path wants passive OpenMP waiting (strata/__init__.py sets it when imported before torch; set it
+# here too so that nothing imported first can leave the spin-waiting default in place). The value the caller
+# had is kept so that vLLM's server gets the caller's environment, not strata's choice.
+_CALLER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SERVED_NAME = "SmolLM2-135M-Instruct"
 
@@ -116,6 +123,15 @@ def write_hf_dir(path: str) -> str:
     return path
 
 
+# ---------------------------------------------------------------------------------------------- environment
+_ENV_PREFIXES = ("OMP_", "KMP_", "MKL_", "GOMP_", "VLLM_", "TORCH", "LD_PRELOAD", "OPENBLAS_", "CUDA_VISIBLE")
+
+
+def env_subset(env: dict) -> dict:
+    """The environment variables that change CPU performance (threads, OpenMP waiting, vLLM CPU settings)."""
+    return {k: v for k, v in sorted(env.items()) if k.startswith(_ENV_PREFIXES)}
+
+
 # ---------------------------------------------------------------------------------------------- strata offline
 def run_strata_offline(model_dir: str, workloads: dict, extra: list[str]) -> dict:
     from strata.bench.engine_run import warmup
@@ -129,17 +145,36 @@ def run_strata_offline(model_dir: str, workloads: dict, extra: list[str]) -> dic
                                                 *extra]))
     t = time.perf_counter()
     llm = LLM(ea.model, **{k: v for k, v in vars(ea).items() if k != "model"})
-    res = {"load_s": time.perf_counter() - t, "engine_args": extra, "workloads": {}}
+    import torch
+    res = {"load_s": time.perf_counter() - t, "engine_args": extra,
+           "env": {**env_subset(dict(os.environ)), "torch_threads": torch.get_num_threads(),
+                   "torch_interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__},
+           "workloads": {}}
     for name, (recs, _src) in workloads.items():
         warmup(llm, recs, n=4)
+        res["workloads"][name] = {"loadavg_before": _loadavg()}
         params = [SamplingParams(max_tokens=r["output_len"], temperature=0.0, ignore_eos=True) for r in recs]
+        stats = getattr(getattr(llm.engine, "runner", None), "step_stats", None)
+        before = {k: list(v) for k, v in (stats or {}).items()}
         t = time.perf_counter()
         outs = llm.generate([r["prompt_ids"] for r in recs], params, use_tqdm=False)
         wall = time.perf_counter() - t
         n = sum(len(o.outputs[0].token_ids) for o in outs)
-        res["workloads"][name] = _figures(recs, n, wall)
+        res["workloads"][name].update(_figures(recs, n, wall), loadavg_after=_loadavg())
+        if stats is not None:  # where the wall clock went: model steps by kind (count, seconds, tokens)
+            res["workloads"][name]["steps"] = {
+                k: {"steps": v[0] - before.get(k, [0, 0.0, 0])[0], "seconds": v[1] - before.get(k, [0, 0.0, 0])[1],
+                    "tokens": v[2] - before.get(k, [0, 0.0, 0])[2]} for k, v in stats.items()}
         print(f"strata offline  {name:7s} {_line(res['workloads'][name])}", flush=True)
     return res
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(x) for x in f.read().split()[:3]]
+    except OSError:
+        return None
 
 
 def _figures(recs, out_tokens: int, wall: float, errors: int = 0) -> dict:
@@ -249,8 +284,12 @@ def run_server(name: str, server: Server, model: str, workloads: dict, startup_t
     server.wait_ready(startup_timeout)
     res = {"startup_s": time.perf_counter() - t, "command": server.cmd, "workloads": {}}
     for wname, (recs, _src) in workloads.items():
-        drive(server.base, model, [{"prompt_ids": r["prompt_ids"][:64], "output_len": 4} for r in recs[:4]])
+        rng = random.Random(1234)  # warm-up prompts with other token ids, as strata's (no prefix-cache hits)
+        drive(server.base, model, [{"prompt_ids": [rng.randrange(100, 49152) for _ in r["prompt_ids"]],
+                                    "output_len": 4} for r in recs[:4]])
+        before = _loadavg()
         f = drive(server.base, model, recs)
+        f.update(loadavg_before=before, loadavg_after=_loadavg())
         res["workloads"][wname] = f
         print(f"{name:15s} {wname:7s} {_line(f)}", flush=True)
     return res
@@ -287,6 +326,8 @@ def main() -> int:
     ap.add_argument("--strata-server", action="store_true", help="also measure `strata serve` over HTTP")
     ap.add_argument("--skip-strata", action="store_true")
     ap.add_argument("--vllm-arg", action="append", default=[], help="extra vLLM server flag (repeatable)")
+    ap.add_argument("--vllm-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment variable for the vLLM server (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE")
     ap.add_argument("--vllm-kv-space", type=float, default=4, help="VLLM_CPU_KVCACHE_SPACE in GiB")
     ap.add_argument("--startup-timeout", type=float, default=900.0)
     ap.add_argument("--require-vllm", action="store_true", help="exit 1 when vLLM cannot run")
@@ -327,15 +368,20 @@ def main() -> int:
         port = _free_port()
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.vllm_kv_space))
         env.pop("PYTHONPATH", None)
+        if _CALLER_OMP_WAIT_POLICY is None:  # strata's choice, not the caller's: vLLM runs with its own default
+            env.pop("OMP_WAIT_POLICY", None)
+        for kv in args.vllm_env:
+            k, _, v = kv.partition("=")
+            env[k] = v
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                "--port", str(port), "--dtype", "float32", "--served-model-name", SERVED_NAME,
                *args.vllm_arg]
         srv = Server("vLLM CPU", cmd, port, env, os.path.join(tempfile.gettempdir(), "vllm-cpu-bench.log"))
         try:
-            result["vllm"] = {"available": True, "version": info,
+            result["vllm"] = {"available": True, "version": info, "env": env_subset(env),
                               **run_server("vLLM CPU", srv, SERVED_NAME, workloads, args.startup_timeout)}
         except RuntimeError as e:
-            result["vllm"] = {"available": True, "version": info, "error": str(e)}
+            result["vllm"] = {"available": True, "version": info, "env": env_subset(env), "error": str(e)}
             print(f"vLLM CPU failed: {e}", flush=True)
         finally:
             srv.stop()
