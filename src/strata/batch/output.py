@@ -129,24 +129,34 @@ def is_error_row(obj: dict) -> bool:
     return isinstance(resp, dict) and resp.get("status_code", 200) != 200
 
 
-def scan_output(path: str, into: ScanResult | None = None) -> ScanResult:
-    """Keys of the rows already in `path` (missing file: none). A torn last line is not counted."""
-    res = into or ScanResult()
-    if not os.path.exists(path):
-        return res
+def iter_rows(path: str):
+    """(kind, key, obj, line) for each line of an output file: kind "row" for a keyed JSON row, "bad" for a
+    complete line that is not one (key/obj None), and a final "torn" when the file ends mid-line."""
     for _, line, complete in iter_lines(path):
         if not complete:
-            res.torn = True
-            break
+            yield "torn", None, None, line
+            return
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except ValueError:
-            res.bad_lines += 1
+            yield "bad", None, None, line
             continue
         key = row_key(obj)
-        if key is None:
+        yield ("bad", None, None, line) if key is None else ("row", key, obj, line)
+
+
+def scan_output(path: str, into: ScanResult | None = None) -> ScanResult:
+    """Keys of the rows already in `path` (missing file: none). A torn last line is not counted."""
+    res = into or ScanResult()
+    if not os.path.exists(path):
+        return res
+    for kind, key, obj, _ in iter_rows(path):
+        if kind == "torn":
+            res.torn = True
+            continue
+        if kind == "bad":
             res.bad_lines += 1
             continue
         res.keys.add(key)
@@ -249,19 +259,11 @@ def merge_outputs(inputs: Iterable[str], output: str, *, allow_missing: bool = F
         for p in inputs:
             if not os.path.exists(p):
                 continue
-            for _, line, complete in iter_lines(p):
-                if not complete:
+            for kind, key, obj, line in iter_rows(p):
+                if kind == "torn":
                     res.torn += 1
-                    break
-                if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    res.bad_lines += 1
-                    continue
-                key = row_key(obj)
-                if key is None:
+                if kind == "bad":
                     res.bad_lines += 1
                     continue
                 if key in present:
