@@ -29,9 +29,31 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     return cache.index_select(0, block_table[:nblk].long()).reshape(nblk * bs, kvh, d)[:length]
 
 
+DECODE_GROUP = 16  # CPU: sequences of similar length are padded together, in groups of this size
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            max_seq_len: int | None = None) -> torch.Tensor:
+    """One query token per sequence. On CPU, large batches are sorted by length and attended in groups, so
+    that a short sequence is not padded (gathered and masked) to the longest one in the batch."""
+    B = q.shape[0]
+    if q.device.type != "cpu" or B <= DECODE_GROUP:
+        return _decode_padded(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
+    lens = seq_lens.tolist()
+    order = sorted(range(B), key=lens.__getitem__)
+    out = torch.empty_like(q)
+    for i in range(0, B, DECODE_GROUP):
+        idx = order[i:i + DECODE_GROUP]
+        rows = torch.tensor(idx)
+        out[rows] = _decode_padded(q[rows], k_cache, v_cache, block_tables[rows], seq_lens[rows], scale,
+                                   lens[idx[-1]])
+    return out
+
+
+def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                   max_seq_len: int | None = None) -> torch.Tensor:
     """One query token per sequence. q: [B, H, d]; seq_lens: [B] (context incl. the query token).
 
     Returns [B, H, d]. Gathers every sequence's keys padded to the longest and masks the tail; one fused
