@@ -198,7 +198,7 @@ def test_breaker_cuts_out_500s_and_probes_back_in(fleet):
     good = [fleet.replica() for _ in range(2)]
     bad = fleet.replica(fake_args=["--mode", "error500"])
     router = fleet.router(config={"replicas": [r.url for r in (*good, bad)],
-                                  "health": {"failure_threshold": 2, "open_s": 0.4, "open_max_s": 0.8},
+                                  "health": {"failure_threshold": 2, "open_s": 2.0, "open_max_s": 4.0},
                                   "retry": {"backoff_base_s": 0.005, "backoff_max_s": 0.02}})
     fleet.start(*good, bad, router)
     results = run(many(router.url, [dict(prompt=p, max_tokens=3) for p in _prompts(40, "b")], concurrency=4))
@@ -215,7 +215,7 @@ def test_breaker_cuts_out_500s_and_probes_back_in(fleet):
     def back():
         run(many(router.url, [dict(prompt=p, max_tokens=2) for p in _prompts(6, f"p{time.time()}")]))
         return router.replica_state(bad.name)["breaker"] == "closed"
-    router.wait_for(back, 10, "breaker closed after the replica recovered")
+    router.wait_for(back, 20, "breaker closed after the replica recovered")
     results = run(many(router.url, [dict(prompt=p, max_tokens=2) for p in _prompts(30, "after")], concurrency=3))
     assert any(r["replica"] == bad.name for r in results)
 
