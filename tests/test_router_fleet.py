@@ -204,8 +204,10 @@ def test_breaker_cuts_out_500s_and_probes_back_in(fleet):
     results = run(many(router.url, [dict(prompt=p, max_tokens=3) for p in _prompts(40, "b")], concurrency=4))
     assert all(r["status"] == 200 for r in results), [r for r in results if r["status"] != 200][:3]
     assert all(r["replica"] != bad.name for r in results)
-    st = router.replica_state(bad.name)
-    assert st["breaker"] in ("open", "half_open") and st["healthy"]     # /health is fine; requests are not
+    # /health is fine, requests are not: the breaker (not the health check) is what cut it out. Its state right
+    # now is timing-dependent (open, or half-open, or briefly closed between trials on a slow machine), so
+    # the test checks that it opened and that the bad replica saw only a handful of requests.
+    assert router.replica_state(bad.name)["healthy"]
     hits = httpx.get(bad.url + "/_stats").json()["requests"]
     assert hits <= 8, hits                                              # threshold + a few half-open trials
     assert router.metric("strata_router:breaker_opened_total", replica=bad.name) >= 1

@@ -657,10 +657,7 @@ class Router:
         return body
 
     async def h_register(self, request):
-        bad = self._check_router_key(request)
-        if bad is not None:
-            return bad
-        body = await self._json_body(request)
+        body = await self._keyed_json_body(request)
         if isinstance(body, web.Response):
             return body
         region = body.get("region")
@@ -678,11 +675,16 @@ class Router:
             "url": r.url, "region": r.region, "created": created,
             "heartbeat_interval_s": self.cfg.heartbeat_ttl_s / 3}), content_type="application/json")
 
-    async def h_heartbeat(self, request):
+    async def _keyed_json_body(self, request):
+        """The JSON body of a replica's register/heartbeat/deregister call, or the error response
+        (missing or wrong router key, bad body)."""
         bad = self._check_router_key(request)
         if bad is not None:
             return bad
-        body = await self._json_body(request)
+        return await self._json_body(request)
+
+    async def h_heartbeat(self, request):
+        body = await self._keyed_json_body(request)
         if isinstance(body, web.Response):
             return body
         try:
@@ -692,10 +694,7 @@ class Router:
         return web.Response(body=dumps({"url": r.url, "ok": True}), content_type="application/json")
 
     async def h_deregister(self, request):
-        bad = self._check_router_key(request)
-        if bad is not None:
-            return bad
-        body = await self._json_body(request)
+        body = await self._keyed_json_body(request)
         if isinstance(body, web.Response):
             return body
         try:
@@ -764,10 +763,9 @@ class Router:
         for r in self.registry:
             if r.static:
                 continue
-            # Registration counts as the first heartbeat: a replica that dies before its first heartbeat
-            # is dropped after the same TTL, not only after the longer unreachable limit.
-            last = r.last_heartbeat if r.last_heartbeat is not None else r.registered_at
-            if now - last > self.cfg.heartbeat_ttl_s:
+            # Only replicas that have heartbeated are held to the TTL (registration without heartbeats is
+            # allowed); one that dies before its first heartbeat goes after `remove_after_s` unreachable.
+            if r.last_heartbeat is not None and now - r.last_heartbeat > self.cfg.heartbeat_ttl_s:
                 log.warning("replica %s missed its heartbeats; dropped", r.url)
                 r.draining = True
                 self.registry.request_finished(r)
