@@ -75,6 +75,50 @@ def model_dir(arch: str, base: str) -> str:
     return d
 
 
+def checkpoint_dir(arch: str, base: str, dtype: str = "bfloat16") -> str:
+    """A real safetensors checkpoint of `arch` with random weights (written once per run). Parity runs need
+    it: `--load-format dummy` draws each rank's shard on its own, so TP=2's weights would not be TP=1's."""
+    import torch
+    d = os.path.join(base, f"{arch}-ckpt-{dtype}")
+    if os.path.isfile(os.path.join(d, "model.safetensors.index.json")):
+        return d
+    import transformers as tf
+    from safetensors.torch import save_file
+    os.makedirs(d, exist_ok=True)
+    cfg_dict = {**ARCHS[arch], **(TINY if DRY else {}), "torch_dtype": dtype}
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg_dict, f)
+    cfg = tf.AutoConfig.from_pretrained(d)
+    with torch.device("meta"):
+        shapes = [(n, tuple(p.shape)) for n, p in tf.AutoModelForCausalLM.from_config(cfg).named_parameters()]
+    dev = "cuda" if torch.cuda.is_available() and not DRY else "cpu"
+    g = torch.Generator(device=dev).manual_seed(0)
+    tdt = getattr(torch, dtype)
+    index, shard, size, k = {}, {}, 0, 0
+
+    def flush():
+        nonlocal shard, size, k
+        if shard:
+            name = f"model-{k:05d}.safetensors"
+            save_file(shard, os.path.join(d, name), metadata={"format": "pt"})
+            index.update({n: name for n in shard})
+            shard, size, k = {}, 0, k + 1
+
+    t = time.perf_counter()
+    for n, shp in shapes:
+        w = (torch.ones(shp, device=dev) if n.endswith("norm.weight") else
+             torch.empty(shp, device=dev).uniform_(-0.05, 0.05, generator=g)).to(tdt).cpu()
+        shard[n] = w
+        size += w.numel() * w.element_size()
+        if size > (2 << 30):
+            flush()
+    flush()
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": index}, f)
+    log(f"   wrote a random {arch} checkpoint ({dtype}, {len(index)} tensors) in {time.perf_counter() - t:.0f} s")
+    return d
+
+
 def find_workloads(explicit: str | None) -> str | None:
     for d in [explicit, os.path.join(ROOT, "..", "shared", "workloads"), os.path.join(ROOT, "shared", "workloads"),
               os.path.join(ROOT, ".carry", "workloads"), os.path.join(ROOT, ".carry", "bench-workloads")]:
@@ -129,9 +173,9 @@ def _prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(100, 30000, (length,), generator=g).tolist() for _ in range(n)]
 
 
-def child_parity(path, layout, dtype, n_tok):
+def child_parity(path, layout, dtype, n_tok, extra=None):
     from strata.core.sampling_params import SamplingParams
-    engine, load_s = _engine(path, dtype=dtype, **layout)
+    engine, load_s = _engine(path, dtype=dtype, **layout, **(extra or {}))
     try:
         ps = _prompts(8, 100)
         for i, p in enumerate(ps):
@@ -212,6 +256,20 @@ def child_throughput(path, layout, records, label, dp=1, extra=None):
         _close(llm.engine)
 
 
+def child_combo(path, layout, ctx, n_out, records, label, extra=None):
+    """Batch-1 latency, then a throughput run, on one engine (one load for both)."""
+    from strata.engine.llm import LLM
+    t = time.perf_counter()
+    llm = LLM(path, **{**ENGINE, **layout, **(extra or {})})
+    load_s = time.perf_counter() - t
+    try:
+        lat = _latency(llm.engine, ctx, n_out)
+        thr = _throughput(lambda p, s: llm.generate(p, s, use_tqdm=False), records, label)
+        return {"latency": lat, "throughput": thr, "load_s": round(load_s, 1), "memory": _memory(llm.engine)}
+    finally:
+        _close(llm.engine)
+
+
 def child_main(spec: dict) -> dict:
     kind = spec.pop("kind")
     if spec.get("tokenizer"):
@@ -228,7 +286,8 @@ def child_main(spec: dict) -> dict:
     if "records_file" in spec:
         with open(spec.pop("records_file")) as f:
             spec["records"] = json.load(f)[: spec.pop("limit", None)]
-    return {"parity": child_parity, "latency": child_latency, "throughput": child_throughput}[kind](**spec)
+    return {"parity": child_parity, "latency": child_latency, "throughput": child_throughput,
+            "combo": child_combo}[kind](**spec)
 
 
 # ------------------------------------------------------------------------------------------ parent side
@@ -272,7 +331,7 @@ def case_smoke(base, args):
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
-        out, err = p.communicate(timeout=600)
+        out, err = p.communicate(timeout=args.smoke_timeout)
         status = p.returncode
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, 9)
@@ -293,13 +352,15 @@ def layout_name(layout: dict) -> str:
 
 
 def case_parity(base, args):
-    d = model_dir("qwen3-4b", base)
+    d = checkpoint_dir("qwen3-4b", base)  # bf16 on disk; the float32 runs upcast the same weights exactly
     n_tok = 16 if QUICK else 64
+    extra = {"load_format": "auto", "max_num_seqs": 16}
     res = {}
-    for dtype in ("bfloat16", "float32"):
-        ref = run_child({"kind": "parity", "path": d, "layout": {}, "dtype": dtype, "n_tok": n_tok})
+    for dtype in ("float32", "bfloat16"):
+        ref = run_child({"kind": "parity", "path": d, "layout": {}, "dtype": dtype, "n_tok": n_tok, "extra": extra})
         for lay in ({"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}):
-            got = run_child({"kind": "parity", "path": d, "layout": lay, "dtype": dtype, "n_tok": n_tok})
+            got = run_child({"kind": "parity", "path": d, "layout": lay, "dtype": dtype, "n_tok": n_tok,
+                             "extra": extra})
             if "tokens" not in got or "tokens" not in ref:
                 res[f"{dtype}_{layout_name(lay)}"] = {"error": got.get("error") or ref.get("error")}
                 continue
@@ -308,17 +369,21 @@ def case_parity(base, args):
                      for a, b in zip(got["tokens"], ref["tokens"])]
             res[f"{dtype}_{layout_name(lay)}"] = {"sequences_equal": sum(equal), "of": len(equal),
                                                   "first_divergence": first}
-    return {"case": "parity", "model": "qwen3-4b", "tokens_per_sequence": n_tok, "results": res}, []
+    return {"case": "parity", "model": "qwen3-4b (random weights, safetensors)", "tokens_per_sequence": n_tok,
+            "results": res}, []
 
 
 def case_latency8b(base, args):
     d = model_dir("llama-3-8b", base)
     ctx, n_out = (256, 32) if QUICK else (1024, 128)
     res, runs = {}, []
-    for name, lay, extra in [("tp1", {}, {}), ("tp1_eager", {}, {"enforce_eager": True}),
-                             ("tp2_eager", {"tensor_parallel_size": 2}, {"enforce_eager": True}),
-                             ("tp2", {"tensor_parallel_size": 2}, {})]:
-        r = run_child({"kind": "latency", "path": d, "layout": lay, "ctx": ctx, "n_out": n_out, "extra": extra})
+    variants = [("tp1", {}, {}), ("tp2", {"tensor_parallel_size": 2}, {})]
+    if args.full:
+        variants += [("tp1_eager", {}, {"enforce_eager": True}),
+                     ("tp2_eager", {"tensor_parallel_size": 2}, {"enforce_eager": True})]
+    for name, lay, extra in variants:
+        r = run_child({"kind": "latency", "path": d, "layout": lay, "ctx": ctx, "n_out": n_out,
+                       "extra": {"max_num_seqs": 8, **extra}})  # batch 1: a short graph ladder
         res[name] = r
         if "tpot_ms" in r:
             runs.append({"model": "llama-3-8b", "workload": "random", "prompt_len": ctx, "output_len": n_out,
@@ -330,7 +395,7 @@ def case_latency8b(base, args):
     return {"case": "latency8b", "model": "llama-3-8b", "results": res}, runs
 
 
-def case_sharegpt(base, args):
+def case_sharegpt(base, args, variants=("dp1", "dp2", "tp2", "pp2")):
     d = model_dir("qwen3-4b", base)
     wdir = find_workloads(args.workloads)
     if wdir is None:
@@ -339,8 +404,10 @@ def case_sharegpt(base, args):
     if QUICK:
         spec["limit"] = 16 if DRY else 100
     res, runs = {}, []
-    for name, lay, dp in [("dp1", {}, 1), ("dp2", {}, 2), ("tp2", {"tensor_parallel_size": 2}, 1),
-                          ("pp2", {"pipeline_parallel_size": 2}, 1)]:
+    layouts = {"dp1": ({}, 1), "dp2": ({}, 2), "tp2": ({"tensor_parallel_size": 2}, 1),
+               "pp2": ({"pipeline_parallel_size": 2}, 1)}
+    for name in variants:
+        lay, dp = layouts[name]
         r = run_child({"kind": "throughput", "path": d, "layout": lay, "dp": dp, **spec})
         res[name] = r
         if "output_tok_s" in r:
@@ -353,22 +420,34 @@ def case_sharegpt(base, args):
     return {"case": "sharegpt", "model": "qwen3-4b", "results": res}, runs
 
 
+def case_sharegpt_dp(base, args):
+    r, runs = case_sharegpt(base, args, ("dp1", "dp2"))
+    r["case"] = "sharegpt_dp"
+    return r, runs
+
+
+def case_sharegpt_mp(base, args):
+    r, runs = case_sharegpt(base, args, ("tp2", "pp2"))
+    r["case"] = "sharegpt_mp"
+    return r, runs
+
+
 def case_big70b(base, args):
     d = model_dir("llama-3-70b", base)
     n, plen, olen = (32, 256, 32) if QUICK else (256, 512, 128)
     wl = os.path.join(base, f"random_{n}_{plen}_{olen}.json")
     with open(wl, "w") as f:
         json.dump([{"prompt_ids": p, "output_len": olen} for p in _prompts(n, plen, seed=7)], f)
+    ctx, n_out = (256, 16) if QUICK else (1024, 64)
     res, runs = {}, []
     for lay in ({"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}):
         name = layout_name(lay)
-        lat = run_child({"kind": "latency", "path": d, "layout": lay, "ctx": 1024 if not QUICK else 256,
-                         "n_out": 64 if not QUICK else 16})
-        thr = run_child({"kind": "throughput", "path": d, "layout": lay, "records_file": wl,
-                         "label": f"random{plen}/{olen}x{n}"})
-        res[name] = {"latency": lat, "throughput": thr}
+        r = run_child({"kind": "combo", "path": d, "layout": lay, "ctx": ctx, "n_out": n_out, "records_file": wl,
+                       "label": f"random{plen}/{olen}x{n}"})
+        res[name] = r
         common = {"model": "llama-3-70b", "workload": "random", "tp": lay.get("tensor_parallel_size", 1),
                   "pp": lay.get("pipeline_parallel_size", 1), "dp": 1}
+        lat, thr = r.get("latency", {}), r.get("throughput", {})
         if "tpot_ms" in lat:
             runs.append({**common, "prompt_len": lat["context"], "output_len": lat["output"], "concurrency": 1,
                          "tpot_ms": lat["tpot_ms"], "ttft_ms": lat["ttft_ms"]})
@@ -386,22 +465,21 @@ def case_overlap(base, args):
         json.dump([{"prompt_ids": p, "output_len": 1} for p in _prompts(n, plen, seed=11)], f)
     res = {}
     for name, on in (("off", False), ("on", True)):
-        lay = {"tensor_parallel_size": 2}
-        res[name] = {
-            "prefill": run_child({"kind": "throughput", "path": d, "layout": lay, "records_file": wl,
-                                  "label": f"prefill {n}x{plen}", "extra": {"tp_comm_overlap": on}}),
-            "latency": run_child({"kind": "latency", "path": d, "layout": lay, "ctx": 1024, "n_out": 64,
-                                  "extra": {"tp_comm_overlap": on}}),
-        }
+        res[name] = run_child({"kind": "combo", "path": d, "layout": {"tensor_parallel_size": 2},
+                               "ctx": 1024 if not QUICK else 256, "n_out": 64 if not QUICK else 16,
+                               "records_file": wl, "label": f"prefill {n}x{plen}",
+                               "extra": {"tp_comm_overlap": on, "max_num_seqs": 32}})
     try:
-        res["prefill_speedup"] = round(res["on"]["prefill"]["total_tok_s"] / res["off"]["prefill"]["total_tok_s"], 3)
+        res["prefill_speedup"] = round(res["on"]["throughput"]["total_tok_s"] /
+                                       res["off"]["throughput"]["total_tok_s"], 3)
+        res["tpot_on_over_off"] = round(res["on"]["latency"]["tpot_ms"] / res["off"]["latency"]["tpot_ms"], 3)
     except (KeyError, ZeroDivisionError):
         pass
     return {"case": "overlap", "model": "llama-3-8b", "results": res}, []
 
 
-CASES = {"smoke": case_smoke, "parity": case_parity, "latency8b": case_latency8b, "sharegpt": case_sharegpt, "big70b": case_big70b,
-         "overlap": case_overlap}
+CASES = {"smoke": case_smoke, "parity": case_parity, "latency8b": case_latency8b, "sharegpt": case_sharegpt,
+         "sharegpt_dp": case_sharegpt_dp, "sharegpt_mp": case_sharegpt_mp, "big70b": case_big70b, "overlap": case_overlap}
 
 
 def main() -> int:
@@ -410,6 +488,8 @@ def main() -> int:
     ap.add_argument("--workloads", default=None, help="directory holding sharegpt1000.json")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {','.join(CASES)}")
     ap.add_argument("--quick", action="store_true", help="small workloads: a smoke run of this script")
+    ap.add_argument("--full", action="store_true", help="also the eager variants of latency8b")
+    ap.add_argument("--smoke-timeout", type=int, default=600, help="seconds before the smoke case is killed")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: .carry/tok if present, else "
                                                       "the embedded SmolLM2 tokenizer)")
     ap.add_argument("--dry-run", action="store_true", help="run the script on CPU with tiny models (no figures)")

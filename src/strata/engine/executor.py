@@ -217,10 +217,8 @@ def _worker_main(args: EngineArgs, spec: ParallelSpec, rank: int, parent_pid: in
     except Exception as e:  # noqa: BLE001 - a peer died or a step failed: this rank is done
         log.error("rank %d stopped: %s: %s", rank, type(e).__name__, e)
         return 1
-    try:
-        ps.destroy_parallel()
-    except Exception:  # noqa: BLE001
-        pass
+    r.stage.runner.release_graphs()
+    _teardown(True)
     return 0
 
 
@@ -279,15 +277,27 @@ def _kill(procs) -> None:
         p.join(timeout=5)
 
 
+TEARDOWN_S = 20.0
+
+
 def _teardown(destroy: bool) -> None:
     """Leave the process groups. gloo tears down without talking to peers; a NCCL group with a dead peer
-    may block in teardown, so it is only forgotten."""
-    try:
-        if destroy:
-            ps.destroy_parallel()
+    may block in teardown, so it is only forgotten. A clean teardown that does not finish within TEARDOWN_S
+    (NCCL waits for its peers and for every captured graph to be destroyed) is abandoned, not waited on."""
+    if destroy:
+        done = threading.Event()
+
+        def run():
+            try:
+                ps.destroy_parallel()
+            except Exception:  # noqa: BLE001
+                pass
+            done.set()
+
+        threading.Thread(target=run, name="strata-teardown", daemon=True).start()
+        if done.wait(TEARDOWN_S):
             return
-    except Exception:  # noqa: BLE001
-        pass
+        log.warning("process-group teardown did not finish in %.0f s; leaving it", TEARDOWN_S)
     ps.forget_parallel()
 
 
@@ -413,6 +423,8 @@ class MultiprocExecutor:
                     ps.broadcast_object(("stop",))
             except Exception:  # noqa: BLE001
                 self._dead = "shutdown failed"
+        if self._dead is None:
+            self.stage.runner.release_graphs()  # NCCL teardown waits for graphs that captured its collectives
         for _, p in self._procs:
             p.join(timeout=10)
         _kill(self._procs)

@@ -100,6 +100,18 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
 
+    def release(self) -> None:
+        """Destroy the captured graphs. A graph that captured NCCL collectives holds a reference on the
+        communicator, and NCCL's communicator teardown waits for every such graph to be gone: release the
+        graphs before the process groups are destroyed, or the teardown never returns."""
+        if not self.graphs:
+            return
+        torch.cuda.synchronize()
+        for g in self.graphs.values():
+            g.reset()
+        self.graphs.clear()
+        self.logits.clear()
+
     def fits(self, batch: int) -> bool:
         return bool(self.graphs) and batch <= self.sizes[-1]
 

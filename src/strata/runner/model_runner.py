@@ -56,6 +56,12 @@ class ModelRunner:
                                        device=self.device)
             self.graphs.capture()
 
+    def release_graphs(self) -> None:
+        """Destroy the decode CUDA graphs (before tearing down NCCL groups; see DecodeGraphs.release)."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     @torch.inference_mode()
     def warmup(self) -> None:
         """Compile the eager path's kernel variants (Triton specialises on batch shapes) before serving,
