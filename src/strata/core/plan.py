@@ -11,8 +11,14 @@ class ScheduledChunk:
     request: Request
     start: int  # first position computed this step (== request.num_computed_tokens at schedule time)
     num_tokens: int  # tokens computed this step
-    # True when this chunk reaches the end of the known tokens, so the step samples a next token.
+    # True when this chunk reaches the end of the known (and pending) tokens, so the step samples a next token.
     sample: bool
+
+    @property
+    def input_pending(self) -> bool:
+        """Async scheduling: this decode's input token is still being sampled by the step in flight, so the
+        runner reads it on the device (its slot's last sampled token). Valid right after scheduling."""
+        return self.start >= self.request.num_tokens
 
 
 @dataclass
@@ -23,6 +29,9 @@ class StepPlan:
     freed_slots: list[int] = field(default_factory=list)  # slots released since the previous plan
     preempted: list[str] = field(default_factory=list)  # request ids preempted this step
     num_batched_tokens: int = 0
+    # Async scheduling: blocks ran out while a step was in flight (no preemption then), so scheduling stopped
+    # early; the engine finishes the step in flight and schedules the next step synchronously.
+    blocked: bool = False
 
     @property
     def empty(self) -> bool:

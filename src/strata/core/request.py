@@ -3,6 +3,11 @@
 Scheduling is "computed tokens catch up to known tokens": `num_computed_tokens` advances toward
 `num_tokens` (prompt + outputs so far). Prefill, chunked prefill, prefix hits, recompute after
 preemption and decode are all the same arithmetic.
+
+With async scheduling a step is scheduled while the previous one still runs on the device: the tokens
+that step will sample are `num_pending` (counted when a sampling chunk is scheduled, dropped when the step's
+result is applied), and the scheduler works toward `num_tokens + num_pending`. `num_computed_tokens`
+advances when a chunk is scheduled, so it may include tokens of a step still in flight.
 """
 from __future__ import annotations
 
@@ -48,7 +53,8 @@ class Request:
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.priority = params.priority
         self.status = RequestStatus.WAITING
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # KV positions scheduled (computed or being computed)
+        self.num_pending = 0  # tokens sampled by scheduled steps whose results are not applied yet
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule
         self.num_preemptions = 0
         # Owned by the KV manager: physical block ids in logical order, and the chained hashes of

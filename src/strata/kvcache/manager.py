@@ -91,6 +91,7 @@ class KVCacheManager:
     # ---- hashing ----
     def _update_hashes(self, req: Request, upto_tokens: int) -> None:
         """Extend req.block_hashes to cover every full block within the first `upto_tokens` tokens."""
+        assert upto_tokens <= req.num_tokens, f"{req}: hashing tokens not known on the host"
         bs = self.block_size
         hashes = req.block_hashes
         while (len(hashes) + 1) * bs <= upto_tokens:
@@ -137,12 +138,15 @@ class KVCacheManager:
             req.block_ids.append(self.pool.allocate())
         return True
 
-    def cache_full_blocks(self, req: Request) -> None:
-        """Register every block whose tokens are all computed (called after each step)."""
+    def cache_full_blocks(self, req: Request, num_computed: int | None = None) -> None:
+        """Register every block whose tokens are all computed (called after each step). `num_computed`:
+        the positions whose KV a finished step wrote (default req.num_computed_tokens, which with async
+        scheduling may include a step still in flight); their tokens must be known on the host."""
         if not self.enable_prefix_caching:
             return
-        self._update_hashes(req, req.num_computed_tokens)
-        n_full = min(req.num_computed_tokens // self.block_size, len(req.block_ids))
+        upto = req.num_computed_tokens if num_computed is None else num_computed
+        self._update_hashes(req, upto)
+        n_full = min(upto // self.block_size, len(req.block_ids))
         for i in range(n_full):
             b = req.block_ids[i]
             if self.pool.block_hash[b] is None:

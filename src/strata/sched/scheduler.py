@@ -5,6 +5,12 @@ budget; when blocks run out, the lowest-priority running request is preempted (b
 later). Then waiting requests are admitted while budget, `max_num_seqs` and blocks allow, each starting
 from its longest cached prefix. A request never needs more blocks than the pool holds (max_model_len is
 capped at config time), so a lone request always fits: no crash, no hang.
+
+Async scheduling (`schedule(in_flight=True)`): the previous step still runs, so its sampled tokens are
+pending (`Request.num_pending`) and count as known for the arithmetic; a request whose pending token may be
+its last (max_tokens, max_model_len) is not scheduled. Nothing is preempted while a step is in flight: if
+blocks run out, scheduling stops and the plan is marked `blocked`; the engine then finishes the step in
+flight and schedules synchronously, where preemption is allowed.
 """
 from __future__ import annotations
 
@@ -73,6 +79,7 @@ class Scheduler:
         self.requests.pop(req.request_id, None)
 
     def _preempt(self, req: Request) -> None:
+        assert req.num_pending == 0, f"{req} preempted with a step in flight"
         self.running.remove(req)
         self.kv.free(req)
         self._release_slot(req)
@@ -93,7 +100,20 @@ class Scheduler:
         return self.waiting[0]
 
     # ---- the step ----
-    def schedule(self) -> StepPlan:
+    def _at_limit(self, req: Request) -> bool:
+        """Its pending tokens already reach max_tokens or max_model_len: nothing more to compute."""
+        return (req.num_output_tokens + req.num_pending >= req.max_tokens
+                or req.num_tokens + req.num_pending >= self.max_model_len)
+
+    def _add_chunk(self, plan: StepPlan, req: Request, n: int) -> None:
+        start = req.num_computed_tokens
+        sample = start + n == req.num_tokens + req.num_pending
+        plan.chunks.append(ScheduledChunk(req, start, n, sample))
+        req.num_computed_tokens += n
+        req.num_pending += sample
+
+    def schedule(self, in_flight: bool = False) -> StepPlan:
+        """The next step's plan. `in_flight`: the previous step is still running (async scheduling)."""
         plan = StepPlan(freed_slots=self._freed_slots)
         self._freed_slots = []
         budget = self.max_num_batched_tokens
@@ -104,20 +124,24 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = req.num_tokens - req.num_computed_tokens
+            n = req.num_tokens + req.num_pending - req.num_computed_tokens
             if n > budget and not self.chunked:
                 continue
             n = min(n, budget)
-            if n <= 0:
+            if n <= 0 or self._at_limit(req):
                 continue
             ok = True
             # fast path: a decode whose last block still has room needs no allocation
             fits = req.num_computed_tokens + n <= len(req.block_ids) * self.kv.block_size
             while not fits and not self.kv.allocate_slots(req, n):
+                if in_flight:
+                    plan.blocked = True
+                    break
                 victim = self._victim()
                 for j, c in enumerate(plan.chunks):  # (priority policy) victim already scheduled
                     if c.request is victim:
                         budget += c.num_tokens
+                        victim.num_pending -= c.sample  # (_preempt resets its computed tokens)
                         del plan.chunks[j]
                         break
                 self._preempt(victim)
@@ -126,10 +150,11 @@ class Scheduler:
                 if victim is req:
                     ok = False
                     break
+            if plan.blocked:
+                break
             if not ok:
                 continue
-            plan.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n,
-                                              req.num_computed_tokens + n == req.num_tokens))
+            self._add_chunk(plan, req, n)
             budget -= n
 
         if self.waiting and self.running and not preempted_now:
@@ -139,7 +164,8 @@ class Scheduler:
                 plan.num_batched_tokens = self.max_num_batched_tokens - budget
                 return plan
         self._held_steps = 0
-        while self.waiting and budget > 0 and not preempted_now and len(self.running) < self.max_num_seqs:
+        while (self.waiting and budget > 0 and not preempted_now and not plan.blocked
+               and len(self.running) < self.max_num_seqs):
             req = self._next_waiting()
             blocks, n_cached = self.kv.get_computed_blocks(req)
             n = req.num_tokens - n_cached
@@ -157,28 +183,29 @@ class Scheduler:
             req.slot = self.free_slots.pop()
             plan.new_slots.append(req.slot)
             self.running.append(req)
-            plan.chunks.append(ScheduledChunk(req, n_cached, n, n_cached + n == req.num_tokens))
+            self._add_chunk(plan, req, n)
             budget -= n
 
         plan.num_batched_tokens = self.max_num_batched_tokens - budget
         return plan
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Advance computed tokens, append sampled tokens, finish by eos/stop id/length.
-        Returns the requests that received a token this step (in plan order)."""
+        """Apply a finished step: register newly full blocks, append sampled tokens, finish by eos/stop
+        id/length. Returns the requests that received a token this step (in plan order). With async
+        scheduling the next plan is already scheduled (and may include a request finished here: its extra
+        token is dropped when that plan is applied, as the request is no longer running)."""
         sampled: list[Request] = []
         it = iter(result.sampled_token_ids)
         for c in plan.chunks:
             req = c.request
-            if req.status != RequestStatus.RUNNING:  # aborted during the step
-                if c.sample:
-                    next(it)
+            tok = next(it) if c.sample else None
+            req.num_pending -= c.sample
+            if req.status != RequestStatus.RUNNING:  # finished (or aborted) during the step
                 continue
-            req.num_computed_tokens += c.num_tokens
-            self.kv.cache_full_blocks(req)
-            if not c.sample:
+            # Only positions computed by this (finished) step, of tokens known here, go into the prefix cache.
+            self.kv.cache_full_blocks(req, c.start + c.num_tokens)
+            if tok is None:
                 continue
-            tok = next(it)
             req.output_token_ids.append(tok)
             sampled.append(req)
             status = self._check_stop(req, tok)
@@ -205,6 +232,17 @@ class Scheduler:
         for r in self.waiting:
             assert not r.block_ids, f"waiting {r} holds blocks"
             assert r.slot is None
+            assert r.num_pending == 0, f"waiting {r} has pending tokens"
+        for r in live:
+            # at most two steps (the one in flight and one just scheduled) sample for a request, and a
+            # request with a token pending has computed everything but that token
+            assert 0 <= r.num_pending <= 2, f"{r}: {r.num_pending} pending tokens"
+            total = r.num_tokens + r.num_pending
+            ok = r.num_computed_tokens == total - 1 if r.num_pending else r.num_computed_tokens <= total
+            assert ok, f"{r}: computed tokens out of step with {r.num_pending} pending"
+            # the last token a request may have (max_tokens, max_model_len) is never fed back
+            assert r.num_computed_tokens < min(r.num_prompt_tokens + r.max_tokens, self.max_model_len), \
+                f"{r}: computed past its last token"
         self.kv.check_invariants(live)
         slots = [r.slot for r in self.running]
         assert None not in slots and len(set(slots)) == len(slots), "slot clash"
