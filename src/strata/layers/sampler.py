@@ -4,6 +4,10 @@ penalties, min_tokens, per-request seeds and top-N logprobs.
 Per-request seed: a seeded request draws its noise from its own generator, one [vocab] draw per token,
 so its output does not depend on what else is in the batch. Unseeded rows share one batched draw.
 Sampling is the exponential-race form of categorical sampling: argmax(p / E), E ~ Exp(1).
+
+`Sampler.sample` keeps the token ids on the device and, without penalties or min_tokens masking, never
+waits for the device: per-row parameters travel through pinned, non-blocking copies (`to_device`). That is
+what lets the engine schedule the next step while this one runs (async scheduling).
 """
 from __future__ import annotations
 
@@ -26,6 +30,26 @@ class SamplingBatch:
         self.max_logprobs = max((p.logprobs for p in ps if p.logprobs is not None), default=None)
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without waiting for the device: on CUDA through pinned memory and a
+    non-blocking copy (a plain torch.tensor(..., device="cuda") synchronizes the stream)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def host_logprobs(lps: tuple | None, batch: SamplingBatch) -> list | None:
+    """The logprob tensors of `Sampler.sample` as per-row (chosen, [(token, logprob)]) or None."""
+    if lps is None:
+        return None
+    chosen, top_v, top_i = (t.tolist() for t in lps)
+    out = []
+    for i, r in enumerate(batch.requests):
+        n = r.params.logprobs
+        out.append(None if n is None else (chosen[i], list(zip(top_i[i][:n], top_v[i][:n]))))
+    return out
+
+
 class Sampler:
     def __init__(self, seed: int = 0, device: str | torch.device = "cpu"):
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -34,6 +58,13 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch):
         """logits: [B, V] -> (token ids [B] as a list, logprobs per row or None)."""
+        tokens, lps = self.sample(logits, batch)
+        return tokens.tolist(), host_logprobs(lps, batch)
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, tuple | None]:
+        """logits: [B, V] -> (token ids [B] int64 on the device, logprob tensors or None), the latter
+        (chosen [B], top values [B, N], top ids [B, N]) for `host_logprobs`."""
         logits = logits.float()
         reqs = batch.requests
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs is not None else None
@@ -50,17 +81,11 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, reqs)
-        token_list = tokens.tolist()
-        lps = None
-        if raw_logprobs is not None:
-            lps = []
-            chosen = raw_logprobs.gather(1, tokens.view(-1, 1)).view(-1).tolist()
-            top_v, top_i = raw_logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
-            top_v, top_i = top_v.tolist(), top_i.tolist()
-            for i, r in enumerate(reqs):
-                n = r.params.logprobs
-                lps.append(None if n is None else (chosen[i], list(zip(top_i[i][:n], top_v[i][:n]))))
-        return token_list, lps
+        if raw_logprobs is None:
+            return tokens, None
+        chosen = raw_logprobs.gather(1, tokens.view(-1, 1)).view(-1)
+        top_v, top_i = raw_logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
+        return tokens, (chosen, top_v, top_i)
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         V = logits.shape[1]
@@ -80,20 +105,20 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         B, V = logits.shape
         dev = logits.device
-        temps = torch.tensor([max(r.params.temperature, 1e-5) if not r.params.greedy else 1.0 for r in reqs],
-                             device=dev, dtype=torch.float32)
-        greedy_rows = torch.tensor([r.params.greedy for r in reqs], device=dev)
+        temps = to_device([max(r.params.temperature, 1e-5) if not r.params.greedy else 1.0 for r in reqs],
+                          torch.float32, dev)
+        greedy_rows = to_device([r.params.greedy for r in reqs], torch.bool, dev)
         greedy_tokens = logits.argmax(dim=-1)
         logits = logits / temps[:, None]
         top_ks = [r.params.top_k for r in reqs]
         if any(k > 0 for k in top_ks):
-            k = torch.tensor([k if k > 0 else V for k in top_ks], device=dev).clamp(max=V)
+            k = to_device([min(k, V) if k > 0 else V for k in top_ks], torch.int64, dev)
             kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).view(-1, 1))
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         top_ps = [r.params.top_p for r in reqs]
         if any(p < 1.0 for p in top_ps):
-            p = torch.tensor(top_ps, device=dev, dtype=torch.float32)
+            p = to_device(top_ps, torch.float32, dev)
             sp, si = probs.sort(dim=-1, descending=True)
             cum = sp.cumsum(dim=-1)
             drop = (cum - sp) > p[:, None]  # keep the smallest set whose mass reaches top_p
@@ -101,13 +126,17 @@ class Sampler:
             probs = torch.zeros_like(probs).scatter_(1, si, sp)
         min_ps = [r.params.min_p for r in reqs]
         if any(m > 0 for m in min_ps):
-            m = torch.tensor(min_ps, device=dev, dtype=torch.float32)
+            m = to_device(min_ps, torch.float32, dev)
             thresh = probs.max(dim=-1, keepdim=True).values * m[:, None]
             probs = probs.masked_fill(probs < thresh, 0.0)
-        noise = torch.empty_like(probs)
         unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
-        if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), V, device=dev).exponential_(generator=self.generator)
+        if len(unseeded) == B:
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        else:
+            noise = torch.empty_like(probs)
+            if unseeded:  # (indexing with a list would copy it to the device synchronously)
+                rows = to_device(unseeded, torch.int64, dev)
+                noise[rows] = torch.empty(len(unseeded), V, device=dev).exponential_(generator=self.generator)
         for i, r in enumerate(reqs):
             if r.generator is not None:
                 noise[i] = torch.empty(V, device=dev).exponential_(generator=r.generator)

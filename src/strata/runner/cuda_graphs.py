@@ -6,8 +6,11 @@ dummy slot: all zeros, i.e. the null block, used by padding rows.
 
 `DecodeGraphs`: decode-only steps run as replays of graphs captured at a fixed ladder of batch sizes.
 Inputs are three static buffers (token ids, positions, slots); block tables, slot mapping and sequence
-lengths are derived on the device inside the graph, so a step's host work is three small copies.
+lengths are derived on the device inside the graph, so a step's host work is one small copy.
 Padding rows use the dummy slot and position 0: they read and write only the null block.
+With async scheduling an input id may still be pending on the device: it is taken from `last_sampled[slot]`
+(the runner's per-slot last sampled token) before the replay. The host staging buffer alternates between
+two pinned tensors, because the copy out of the previous one may still be queued behind the step in flight.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 
 from strata.attention.backend import AttentionMetadata, forward_context
 from strata.core.plan import StepPlan
+from strata.layers.sampler import to_device
 
 
 class SlotBlockTables:
@@ -39,7 +43,7 @@ class SlotBlockTables:
                 vals.extend(ids[have:])
                 self.synced[s] = len(ids)
         if rows:
-            upd = torch.tensor([rows, cols, vals], dtype=torch.int64).pin_memory().to(self.device, non_blocking=True)
+            upd = to_device([rows, cols, vals], torch.int64, self.device)
             self.table[upd[0], upd[1]] = upd[2].to(torch.int32)
 
 
@@ -65,7 +69,7 @@ def batch_ladder(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, tables: SlotBlockTables, *, max_num_seqs: int, block_size: int,
-                 max_seq_len: int, device: torch.device):
+                 max_seq_len: int, device: torch.device, last_sampled: torch.Tensor | None = None):
         self.model = model
         self.tables = tables
         self.block_size = block_size
@@ -77,7 +81,10 @@ class DecodeGraphs:
         self.slots = torch.full((n,), tables.dummy, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
-        self.host = torch.zeros(n, 3, dtype=torch.int64).pin_memory()  # rows: (token id, position, slot)
+        self.last_sampled = last_sampled  # [max_num_seqs + 1] int64, per slot
+        # rows: (token id, position, slot, id pending); two buffers, used in turn
+        self.host = [torch.zeros(n, 4, dtype=torch.int64, pin_memory=device.type == "cuda") for _ in range(2)]
+        self.turn = 0
 
     def _forward(self, b: int) -> torch.Tensor:
         meta = decode_metadata(self.tables.table, self.slots[:b], self.pos[:b], self.block_size, self.max_seq_len)
@@ -115,17 +122,25 @@ class DecodeGraphs:
     def fits(self, batch: int) -> bool:
         return bool(self.graphs) and batch <= self.sizes[-1]
 
-    def run(self, ids: list[int], pos: list[int], slots: list[int]) -> torch.Tensor:
-        """Replays the smallest graph that holds the batch. Returns logits [B, V] (a view)."""
+    def run(self, ids: list[int], pos: list[int], slots: list[int], pending: list[bool] | None = None) -> torch.Tensor:
+        """Replays the smallest graph that holds the batch. Returns logits [B, V] (a view). `pending[i]`:
+        row i's input id is not known on the host yet; it is read from `last_sampled` on the device."""
         b = len(ids)
         g = next(s for s in self.sizes if s >= b)
-        h = self.host
-        h[:b] = torch.tensor([ids, pos, slots], dtype=torch.int64).T
+        h = self.host[self.turn]
+        self.turn ^= 1
+        h[:b, :3] = torch.tensor([ids, pos, slots], dtype=torch.int64).T
+        h[:b, 3] = torch.tensor(pending, dtype=torch.int64) if pending is not None else 0
         h[b:g, 0] = 0
         h[b:g, 1] = 0
         h[b:g, 2] = self.tables.dummy
-        dev = h[:g].to(self.ids.device, non_blocking=True)  # [g, 3]
-        self.ids[:g].copy_(dev[:, 0])
+        h[b:g, 3] = 0
+        dev = h[:g].to(self.ids.device, non_blocking=True)  # [g, 4]
+        if pending is not None:
+            known = dev[:, 3] == 0
+            self.ids[:g].copy_(torch.where(known, dev[:, 0], self.last_sampled.index_select(0, dev[:, 2])))
+        else:
+            self.ids[:g].copy_(dev[:, 0])
         self.pos[:g].copy_(dev[:, 1])
         self.slots[:g].copy_(dev[:, 2])
         self.graphs[g].replay()
