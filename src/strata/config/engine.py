@@ -33,6 +33,7 @@ class EngineArgs:
     scheduling_policy: str = field(default="fcfs", metadata={"help": "fcfs | priority", "choices": ["fcfs", "priority"]})
     seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
     enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs"})
+    async_scheduling: bool | None = field(default=None, metadata={"help": "schedule step N+1 on the CPU while the GPU runs step N (default: on with CUDA and a single-process runner; TP/PP engines step synchronously)"})
     attention_backend: str = field(default="auto", metadata={"help": "auto | torch | triton"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs (or CPU processes) per layer"})
     pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline stages"})
@@ -60,7 +61,7 @@ class EngineArgs:
                 continue
             flag = "--" + f.name.replace("_", "-")
             help_ = f.metadata.get("help", "")
-            if f.type in ("bool", bool):
+            if f.type in ("bool", bool, "bool | None"):
                 g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
                 continue
             typ = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
@@ -108,6 +109,8 @@ class EngineConfig:
     enable_expert_parallel: bool
     check_invariants: bool
     disable_log_stats: bool
+    # None: auto (build_engine resolves it for a single-process engine; the TP/PP executor steps synchronously)
+    async_scheduling: bool | None = None
 
 
 def env_flag(name: str, default: bool = False) -> bool:

@@ -3,6 +3,11 @@ scheduler + model step and returns the outputs of requests that changed.
 
 Contract: the engine is single-threaded (the async layer drives it from one thread). Tokenization and
 detokenization happen here, outside the scheduler and runner.
+
+Async scheduling (`config.async_scheduling`, single-process ModelRunner only): a step schedules and launches
+step N+1 while step N still runs on the device, then waits for N and applies it, so each step's outputs come
+one step() later. It steps synchronously (waits for N before scheduling) while a request with a token in
+flight needs its tokens on the host to sample the next one (see `_needs_sync`).
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from strata.models.config import ModelConfig, model_config_from_dict
 from strata.models.loader import ModelSource, load_weights, resolve_model
 from strata.models.registry import model_class
 from strata.runner.memory import plan_memory
-from strata.runner.model_runner import ModelRunner
+from strata.core.plan import StepPlan, StepResult
+from strata.runner.model_runner import ModelRunner, StepHandle
 from strata.sched.scheduler import Scheduler
 
 log = logging.getLogger("strata")
@@ -93,6 +99,12 @@ class LLMEngine:
                                    admit_wait_steps=config.admit_wait_steps)
         self.parents: dict[str, _Parent] = {}
         self.child_parent: dict[str, _Parent] = {}
+        self.holding: set[str] = set()  # parents whose n > 1 siblings are held back (parent.pending)
+        # Only the single-process runner can launch a step and collect it later.
+        self.async_scheduling = bool(config.async_scheduling) and isinstance(runner, ModelRunner)
+        if config.async_scheduling and not self.async_scheduling:
+            log.warning("async scheduling needs the single-process model runner; stepping synchronously")
+        self.in_flight: tuple[StepPlan, StepHandle] | None = None
         self._seed_counter = itertools.count()
         self._aborted_outputs: list[RequestOutput] = []
         self.prompt_tokens_total = 0
@@ -154,6 +166,7 @@ class LLMEngine:
                 self.scheduler.add(req)
             else:
                 parent.pending.append(req)
+                self.holding.add(request_id)
         self.parents[request_id] = parent
         self.prompt_tokens_total += len(ids) * params.n
 
@@ -163,6 +176,7 @@ class LLMEngine:
             if parent is None:
                 continue
             parent.pending.clear()
+            self.holding.discard(rid)
             for c in parent.children:
                 if c.finish_reason is None:
                     self.scheduler.finish(c.req, RequestStatus.FINISHED_ABORTED)
@@ -171,7 +185,7 @@ class LLMEngine:
             self._drop(parent)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.parents) or bool(self._aborted_outputs)
+        return bool(self.parents) or bool(self._aborted_outputs) or self.in_flight is not None
 
     def get_stats(self) -> EngineStats:
         s = self.scheduler
@@ -182,10 +196,43 @@ class LLMEngine:
     # ---------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
         outputs, self._aborted_outputs = self._aborted_outputs, []
+        if self.async_scheduling:
+            return outputs + self._step_async()
         plan = self.scheduler.schedule()
         if plan.empty:
             return outputs
-        result = self.runner.execute(plan)
+        return outputs + self._apply(plan, self.runner.execute(plan))
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Schedule and launch step N+1, then wait for step N (in flight) and apply it."""
+        outputs = []
+        prev, self.in_flight = self.in_flight, None
+        if prev is not None and (prev[0].blocked or self._needs_sync()):
+            outputs += self._apply(prev[0], prev[1].result())
+            prev = None
+        plan = self.scheduler.schedule(in_flight=prev is not None)
+        if not plan.empty:
+            self.in_flight = (plan, self.runner.launch(plan))
+        if prev is not None:
+            outputs += self._apply(prev[0], prev[1].result())
+        return outputs
+
+    def _needs_sync(self) -> bool:
+        """Whether the next step must wait for the one in flight: a request whose token is still on the
+        device samples with host-side state of its tokens (penalties; min_tokens masking, which the sampler
+        decides from the host's output count), returns logprobs, or n > 1 siblings wait to be released."""
+        if self.holding:
+            return True
+        for r in self.scheduler.running:
+            if r.num_pending:
+                p = r.params
+                if (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                        or p.logprobs is not None or r.num_output_tokens < p.min_tokens):
+                    return True
+        return False
+
+    def _apply(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        """Scheduler update for a finished step, then the outputs of the requests it changed."""
         sampled = self.scheduler.update(plan, result)
         self.generation_tokens_total += len(sampled)
         if self.config.check_invariants:
@@ -194,10 +241,11 @@ class LLMEngine:
         touched: dict[str, _Parent] = {}
         for c in plan.chunks:  # release held-back siblings once the shared prompt is cached
             parent = self.child_parent.get(c.request.request_id)
-            if parent is not None and parent.pending and c.request.num_computed_tokens >= len(parent.prompt_ids) - 1:
+            if parent is not None and parent.pending and c.start + c.num_tokens >= len(parent.prompt_ids) - 1:
                 for r in parent.pending:
                     self.scheduler.add(r)
                 parent.pending = []
+                self.holding.discard(parent.request_id)
             if parent is not None and parent.metrics.first_scheduled_time is None:
                 parent.metrics.first_scheduled_time = c.request.first_scheduled_time
         lp_by_req = {}
@@ -205,6 +253,7 @@ class LLMEngine:
         for c in plan.chunks:
             if c.sample:
                 lp_by_req[c.request.request_id] = next(it)
+        outputs = []
         for req in sampled:
             parent = self.child_parent.get(req.request_id)
             if parent is None:
@@ -293,6 +342,7 @@ class LLMEngine:
 
     def _drop(self, parent: _Parent) -> None:
         self.parents.pop(parent.request_id, None)
+        self.holding.discard(parent.request_id)
         for c in parent.children:
             self.child_parent.pop(c.req.request_id, None)
 
@@ -342,7 +392,8 @@ def build_engine(args: EngineArgs):
         attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, data_parallel_size=args.data_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel, check_invariants=args.check_invariants,
-        disable_log_stats=args.disable_log_stats)
+        disable_log_stats=args.disable_log_stats,
+        async_scheduling=args.async_scheduling if args.async_scheduling is not None else device.startswith("cuda"))
     return cfg, model_cfg, model, tokenizer
 
 
