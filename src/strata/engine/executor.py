@@ -148,6 +148,8 @@ def _init_rank(args: EngineArgs, spec: ParallelSpec, rank: int, source, model_cf
         if spec.tp_comm_overlap:
             from strata.parallel.overlap import apply_comm_overlap
             apply_comm_overlap(model)
+        if ps.enable_fast_allreduce(torch.device(device), dtype):
+            log.info("rank %d: TP all-reduces up to 8 MiB through symmetric memory", rank)
         mem = plan_memory(args, model_cfg, device, dtype, model)
     except Exception as e:  # noqa: BLE001 - reported to every rank below
         if rank != 0:
@@ -434,9 +436,13 @@ class MultiprocExecutor:
 
 # ------------------------------------------------------------------------------------------- building
 def _engine_config(args: EngineArgs, source, r: _Rank, served_name: str) -> EngineConfig:
+    on_gpu = r.device.type == "cuda"
     resolved = dict(model_path=source.path, model_format=source.format, served_model_name=served_name,
                     device=str(r.device), dtype=r.dtype, max_model_len=r.max_model_len, num_blocks=r.num_blocks,
-                    max_num_batched_tokens=r.max_num_batched_tokens)
+                    max_num_batched_tokens=r.max_num_batched_tokens,
+                    # the same auto rule as one process (it was left at 0, i.e. 1, here: no admission batching)
+                    admit_batch=args.admit_batch or (max(1, args.max_num_seqs // 16) if on_gpu else 1),
+                    async_scheduling=False)  # the executor runs each step synchronously
     kw = {f.name: resolved[f.name] if f.name in resolved else getattr(args, f.name) for f in fields(EngineConfig)}
     return EngineConfig(**kw)
 

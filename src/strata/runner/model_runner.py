@@ -91,9 +91,13 @@ class ModelRunner:
                         prefill_query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=dev),
                         prefill_seq_lens=torch.ones(b, dtype=torch.int32, device=dev))
                     ids = torch.zeros(T, dtype=torch.int64, device=dev)
+                    # a pipeline stage other than the first takes the residual stream; only the last has a head
+                    inter = None if getattr(self.model, "is_first", True) else (
+                        torch.zeros(T, self.model.cfg.hidden_size, dtype=self.dtype, device=dev), None)
                     with forward_context(meta):
-                        hidden = self.model(ids, torch.zeros_like(ids))
-                    self.model.compute_logits(hidden[:1])
+                        hidden = self.model(ids, torch.zeros_like(ids), inter)
+                    if getattr(self.model, "is_last", True):
+                        self.model.compute_logits(hidden[:1])
             b *= 2
         torch.cuda.synchronize()
 
