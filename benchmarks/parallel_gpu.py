@@ -54,8 +54,9 @@ ARCHS = {
                     "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "tie_word_embeddings": False,
                     "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001},
 }
+# async_scheduling off: the multiprocess executor (TP/PP) steps synchronously, so the single-GPU baselines do too
 ENGINE = dict(load_format="dummy", max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=8192,
-              gpu_memory_utilization=0.9, dist_timeout=600.0)
+              gpu_memory_utilization=0.9, dist_timeout=600.0, async_scheduling=False)
 
 
 def log(*a):
@@ -432,7 +433,7 @@ def case_sharegpt_dp(base, args):
 
 
 def case_sharegpt_mp(base, args):
-    r, runs = case_sharegpt(base, args, ("tp2", "pp2"))
+    r, runs = case_sharegpt(base, args, tuple(args.sharegpt_mp.split(",")))
     r["case"] = "sharegpt_mp"
     return r, runs
 
@@ -496,6 +497,7 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help="also the eager variants of latency8b")
     ap.add_argument("--parity-dtypes", default="float32,bfloat16")
     ap.add_argument("--parity-layouts", default="tp2,pp2")
+    ap.add_argument("--sharegpt-mp", default="tp2,pp2", help="layouts of the sharegpt_mp case")
     ap.add_argument("--smoke-timeout", type=int, default=600, help="seconds before the smoke case is killed")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: .carry/tok if present, else "
                                                       "the embedded SmolLM2 tokenizer)")
