@@ -4,7 +4,8 @@
 
 One engine (reference model: Qwen3-4B architecture, dummy bf16 weights, `strata bench`'s engine defaults); for each
 measurement it runs with `engine.async_scheduling` off, then on (the flag is read per step):
-  parity      greedy tokens of 16 seed64 prompts x 64 tokens: async must equal sync
+  parity      greedy tokens of 16 seed64 prompts x 64 tokens: async must equal sync (same batches, same kernels)
+The prefix cache is emptied before every measurement, so that neither mode reuses the other's prompts.
   latency     batch 1, 8, 64 at 1024 prompt tokens, 128 output tokens (`strata bench latency`'s method)
   seed64      the 64 summaries, EOS ignored, wall time with the engine loaded
   sharegpt    sharegpt1000 output tokens/s, EOS ignored
@@ -53,6 +54,7 @@ def main() -> int:
         print(*x, file=sys.stderr, flush=True)
 
     def timed(records):
+        eng.kv.reset_prefix_cache()  # every run computes its prompts: no hits from the other mode's run
         ps = [SamplingParams(max_tokens=r["output_len"], temperature=0.0, ignore_eos=True) for r in records]
         t0 = time.perf_counter()
         res = llm.generate([r["prompt_ids"] for r in records], ps, use_tqdm=False)
@@ -70,6 +72,7 @@ def main() -> int:
             _, res = timed(recs)
             r["parity_tokens"] = [list(o.outputs[0].token_ids) for o in res]
         if "latency" not in skip:
+            eng.kv.reset_prefix_cache()  # (its prompts repeat across modes; within a mode, per iteration seeds)
             r["latency"] = run_latency(llm, batch_sizes=[1, 8, 64], input_len=int(os.environ.get("AG_IN", 1024)), output_len=int(os.environ.get("AG_OUT", 128)), num_iters=2,
                                        num_warmup=1, log=log)
             for res_b in r["latency"]["results"].values():
