@@ -393,7 +393,8 @@ def build_engine(args: EngineArgs):
         pipeline_parallel_size=args.pipeline_parallel_size, data_parallel_size=args.data_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel, check_invariants=args.check_invariants,
         disable_log_stats=args.disable_log_stats,
-        async_scheduling=args.async_scheduling if args.async_scheduling is not None else device.startswith("cuda"))
+        # opt-in until a GPU run confirms async == sync greedy outputs (docs/BENCHMARKS.md, "Overlapped steps")
+        async_scheduling=bool(args.async_scheduling))
     return cfg, model_cfg, model, tokenizer
 
 
