@@ -11,14 +11,16 @@ Cases (each writes <out>/parallel_gpu-<case>.json; all of them also go to <out>/
 {"runs": [...]} records that benchmarks/plan_vs_measured.py reads):
   smoke        tiny float32 model: TP=2 / PP=2 eager, then with CUDA graphs, against TP=1 (a hang shows up
                here first: every rank prints its stacks after 120 s, STRATA_HANG_DUMP_S)
-  parity       reference model (Qwen3-4B arch): greedy tokens of TP=2 and PP=2 against TP=1, bf16 and float32,
-               8 prompts x 64 tokens (bf16: sums split over ranks round differently, so random weights with flat
-               logits may flip a near-tie; float32 is the exactness check)
-  latency8b    Llama-3-8B arch, batch 1, 1024-token prompt, 128 tokens: TTFT and time per output token for
-               TP=1 and TP=2 (CUDA graphs, and eager), target TP=2 <= 0.7 x TP=1
+  parity       reference model (Qwen3-4B arch) from a random safetensors checkpoint written once (dummy weights
+               are drawn per rank, so TP shards would differ from TP=1's weights): greedy tokens of TP=2 and PP=2
+               against TP=1, 8 prompts x 64 tokens, --parity-dtypes (float32 is the exactness check; bf16 sums
+               split over ranks round differently and random weights give near-ties) and --parity-layouts
+  latency8b    Llama-3-8B arch, batch 1, 1024-token prompt, 128 tokens: TP=1, TP=2, TP=2 with the
+               symmetric-memory all-reduce (--full: eager variants too); target TP=2 <= 0.7 x TP=1
   sharegpt     reference model, sharegpt1000: DP=1 (one GPU), DP=2 (target >= 1.9x), TP=2, PP=2
-  big70b       Llama-3-70B arch (141 GB bf16: does not fit one H200): TP=2 and PP=2, batch-1 latency and a
-               256-request random 512/128 throughput run, memory per GPU
+               (sharegpt_dp: DP=1 and DP=2 only; sharegpt_mp: the --sharegpt-mp layouts)
+  big70b       Llama-3-70B arch (141 GB bf16: does not fit one H200): TP=2 and PP=2, each one engine for batch-1
+               latency and a 256-request random 512/128 throughput run, memory per GPU
   overlap      Llama-3-8B arch, TP=2: --tp-comm-overlap on vs off: prefill throughput (32 x 2048-token prompts,
                1 output token) and batch-1 time per token
 --quick shrinks every workload (a smoke run of the script itself).
