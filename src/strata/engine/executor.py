@@ -3,7 +3,8 @@
     executor.execute(plan) -> StepResult        executor.device        executor.shutdown()
 
 The engine process is global rank 0, the driver. Per step it turns the StepPlan into a picklable StepMsg
-(strata.parallel.stage), broadcasts it on the control group (gloo, CPU), runs its own stage like every other
+(strata.parallel.stage; block tables travel as per-slot diffs), broadcasts it (through a shared-memory ring when
+every rank is a process it spawned on this node, else on the gloo control group), runs its own stage like every other
 rank, and samples: the logits are its own (PP = 1: the driver is TP rank 0 of the only stage) or come back from
 TP rank 0 of the last stage (PP > 1; argmax ids only, when every row is greedy). Only the driver holds
 Request objects, so penalties, seeds and logprobs work exactly as in ModelRunner.
@@ -42,7 +43,7 @@ from strata.core.plan import StepPlan, StepResult
 from strata.layers.sampler import Sampler, SamplingBatch
 from strata.parallel import state as ps
 from strata.parallel.launch import ParallelSpec, check_master, needs_executor, resolve_spec  # noqa: F401
-from strata.parallel.stage import StageRunner, make_msg, runner_order
+from strata.parallel.stage import MsgEncoder, StageRunner, runner_order
 
 log = logging.getLogger("strata.executor")
 _HANG_S = float(os.environ.get("STRATA_HANG_DUMP_S") or 0)  # diagnostics: stacks of a rank stuck this long
@@ -69,6 +70,34 @@ class _Rank:
         self.device, self.dtype = device, dtype
         self.num_blocks, self.max_model_len, self.max_num_batched_tokens = (num_blocks, max_model_len,
                                                                             max_num_batched_tokens)
+        self.chan = None  # ShmBroadcast for step messages (one node, spawned ranks), else gloo
+
+
+def _open_channel(spec: ParallelSpec, rank: int):
+    """The step-message channel: shared memory when every rank is a process this node's driver spawned (they
+    exit with it), else None (gloo broadcasts). Rank 0 creates it and tells the others its name over gloo."""
+    if spec.world_size == 1 or spec.nnodes != 1 or spec.launcher != "spawn" or os.environ.get("STRATA_CTRL") == "gloo":
+        return None
+    from strata.parallel.shm_channel import ShmBroadcast
+    chan = None
+    if rank == 0:
+        try:
+            chan = ShmBroadcast.create(readers=spec.world_size - 1)
+        except Exception as e:  # noqa: BLE001 - no /dev/shm: stay on gloo
+            log.warning("shared-memory control channel unavailable (%s); using gloo", e)
+    name = ps.broadcast_object(chan.name if chan is not None else None)
+    if rank != 0 and name is not None:
+        chan = ShmBroadcast.attach(name, readers=spec.world_size - 1, index=rank - 1)
+    return chan
+
+
+def _recv_ctrl(r: "_Rank"):
+    """A worker's next control message (from the driver's `_send_ctrl`)."""
+    if r.chan is not None:
+        obj, ok = r.chan.recv()
+        if ok:
+            return obj
+    return ps.broadcast_object(None)
 
 
 class _Handler:
@@ -170,14 +199,16 @@ def _init_rank(args: EngineArgs, spec: ParallelSpec, rank: int, source, model_cf
                         enforce_eager=args.enforce_eager or (spec.enable_expert_parallel and
                                                              bool(model_cfg.num_experts)))
     stage.allocate_kv_cache(nb)
-    return _Rank(spec, rank, model_cfg, model, stage, torch.device(device), dtype, nb, mml, mnbt)
+    r = _Rank(spec, rank, model_cfg, model, stage, torch.device(device), dtype, nb, mml, mnbt)
+    r.chan = _open_channel(spec, rank)
+    return r
 
 
 def _serve(r: _Rank) -> None:
     """A worker's loop: run what the driver broadcasts until it says stop."""
     handler = _Handler(r)
     while True:
-        msg = ps.broadcast_object(None)
+        msg = _recv_ctrl(r)
         kind = msg[0]
         if kind == "step":
             _arm("step")
@@ -220,6 +251,8 @@ def _worker_main(args: EngineArgs, spec: ParallelSpec, rank: int, parent_pid: in
         log.error("rank %d stopped: %s: %s", rank, type(e).__name__, e)
         return 1
     r.stage.runner.release_graphs()
+    if r.chan is not None:
+        r.chan.close()
     _teardown(True)
     return 0
 
@@ -320,6 +353,7 @@ class MultiprocExecutor:
         self._lock = threading.Lock()
         self._dead: str | None = None
         self._closed = False
+        self.encoder = MsgEncoder()
         self.logits_hook = None  # tests: called with the [rows, vocab] logits the driver samples from
         self.sample_on_last_stage = True  # PP > 1, all-greedy steps: the last stage returns argmax ids only
         if procs:
@@ -365,6 +399,13 @@ class MultiprocExecutor:
         if self._closed:
             raise EngineDeadError("the parallel engine was shut down")
 
+    def _send_ctrl(self, msg) -> None:
+        """Broadcast a control message to every worker (shared memory on one node, else gloo)."""
+        chan = self._r.chan
+        if chan is not None and chan.send(msg, stop=lambda: self._dead is not None):
+            return
+        ps.broadcast_object(msg)
+
     # ---- the step
     def execute(self, plan: StepPlan) -> StepResult:
         self._check()
@@ -373,12 +414,12 @@ class MultiprocExecutor:
         batch = SamplingBatch([c.request for c in sample_chunks]) if sample_chunks else None
         greedy_ids = (batch is not None and self.spec.pp > 1 and self.sample_on_last_stage and batch.all_greedy
                       and not batch.any_penalty and not batch.any_min_tokens and batch.max_logprobs is None)
-        msg, _ = make_msg(plan, self.spec.pp, greedy_ids)
+        msg, _ = self.encoder.encode(plan, self.spec.pp, greedy_ids)
         with self._lock:
             self._check()
             try:
                 _arm("step")
-                ps.broadcast_object(("step", msg))
+                self._send_ctrl(("step", msg))
                 outs = self.stage.run(msg)
                 _disarm()
             except Exception as e:
@@ -408,7 +449,7 @@ class MultiprocExecutor:
         self._check()
         with self._lock:
             try:
-                ps.broadcast_object(("rpc", method, args))
+                self._send_ctrl(("rpc", method, args))
                 mine = getattr(self._handler, method)(*args)
                 return ps.gather_objects(mine)
             except Exception as e:
@@ -422,7 +463,7 @@ class MultiprocExecutor:
         if self._dead is None:
             try:
                 with self._lock:
-                    ps.broadcast_object(("stop",))
+                    self._send_ctrl(("stop",))
             except Exception:  # noqa: BLE001
                 self._dead = "shutdown failed"
         if self._dead is None:
@@ -430,6 +471,8 @@ class MultiprocExecutor:
         for _, p in self._procs:
             p.join(timeout=10)
         _kill(self._procs)
+        if self._r.chan is not None:
+            self._r.chan.close()
         _teardown(self._dead is None or self.spec.backend == "gloo")
         atexit.unregister(self.shutdown)
 

@@ -1,7 +1,7 @@
 """What every rank does with one step: the picklable step message, micro-batches, and the stage forward.
 
-The driver turns a StepPlan into a `StepMsg` (token ids, positions implied by start/num_tokens, block tables,
-what to sample) and broadcasts it; every rank, the driver included, runs `StageRunner.run(msg)`:
+The driver turns a StepPlan into a `StepMsg` (token ids, positions implied by start/num_tokens, what to sample,
+and each slot's block table as a diff against what the ranks already mirror) and broadcasts it; every rank, the driver included, runs `StageRunner.run(msg)`:
 
   for each micro-batch (PP > 1: as many as stages, contiguous slices of the decode-first chunk order):
       first stage: embed;  other stages: receive the residual stream from the previous stage
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 
@@ -29,14 +30,14 @@ from strata.runner.model_runner import ModelRunner
 RETURN_TAG = 1 << 20  # tags of the last stage's replies to the driver (activations use the micro-batch index)
 
 
-@dataclass
-class ChunkMsg:
+class ChunkMsg(NamedTuple):  # a tuple: pickles in a fraction of a dataclass's time and bytes
     start: int
     num_tokens: int
     sample: bool
     token_ids: list[int]  # the tokens at positions [start, start + num_tokens)
-    block_ids: list[int]  # the request's whole block table
-    slot: int | None = None  # the request's stable slot (per-slot block tables of the CUDA-graph path)
+    block_base: int  # this slot's block table keeps its first block_base ids ...
+    new_block_ids: list[int]  # ... followed by these (each rank mirrors the tables: only the diff travels)
+    slot: int  # the request's stable slot
 
     @property
     def is_decode(self) -> bool:
@@ -81,12 +82,26 @@ def split_microbatches(chunks: list[ChunkMsg], m: int) -> list[tuple[int, int]]:
     return out
 
 
-def make_msg(plan: StepPlan, pp: int, greedy_ids: bool) -> tuple[StepMsg, list[ScheduledChunk]]:
-    ordered = runner_order(plan)
-    chunks = [ChunkMsg(c.start, c.num_tokens, c.sample, c.request.tokens(c.start, c.start + c.num_tokens),
-                       list(c.request.block_ids), c.request.slot) for c in ordered]
-    mbs = split_microbatches(chunks, pp) if pp > 1 else [(0, len(chunks))]
-    return StepMsg(chunks, mbs, greedy_ids, sum(1 for c in ordered if c.sample), list(plan.new_slots)), ordered
+class MsgEncoder:
+    """The driver's side of the block-table mirror: remembers how much of each slot's table the ranks hold."""
+
+    def __init__(self):
+        self.sent: dict[int, int] = {}
+
+    def encode(self, plan: StepPlan, pp: int, greedy_ids: bool) -> tuple[StepMsg, list[ScheduledChunk]]:
+        for s in plan.new_slots:
+            self.sent[s] = 0
+        ordered = runner_order(plan)
+        chunks = []
+        for c in ordered:
+            r = c.request
+            ids = r.block_ids
+            base = min(self.sent.get(r.slot, 0), len(ids))
+            self.sent[r.slot] = len(ids)
+            chunks.append(ChunkMsg(c.start, c.num_tokens, c.sample, r.tokens(c.start, c.start + c.num_tokens),
+                                   base, ids[base:], r.slot))
+        mbs = split_microbatches(chunks, pp) if pp > 1 else [(0, len(chunks))]
+        return StepMsg(chunks, mbs, greedy_ids, sum(1 for c in ordered if c.sample), list(plan.new_slots)), ordered
 
 
 class StageRunner:
@@ -112,9 +127,16 @@ class StageRunner:
         self.slice_boundary = tp.size > 1 and hidden_size % tp.size == 0
         self.driver_rank, self.last_stage_rank = driver_rank, last_stage_rank
         self.rank = ps.world().ranks[ps.world().rank_in_group] if ps.is_initialized() else 0
+        self.tables: dict[int, list[int]] = {}  # slot -> block ids, mirrored from the driver's diffs
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
+
+    def _apply_tables(self, msg: StepMsg) -> None:
+        for c in msg.chunks:
+            t = self.tables.setdefault(c.slot, [])
+            del t[c.block_base:]
+            t.extend(c.new_block_ids)
 
     def _inputs(self, chunks: list[ChunkMsg]):
         bs = self.runner.block_size
@@ -123,8 +145,9 @@ class StageRunner:
             rng = range(c.start, c.start + c.num_tokens)
             ids.extend(c.token_ids)
             pos.extend(rng)
-            slots.extend(c.block_ids[p // bs] * bs + p % bs for p in rng)
-            sc = ScheduledChunk(SimpleNamespace(block_ids=c.block_ids), c.start, c.num_tokens, c.sample)
+            table = self.tables[c.slot]
+            slots.extend(table[p // bs] * bs + p % bs for p in rng)
+            sc = ScheduledChunk(SimpleNamespace(block_ids=table), c.start, c.num_tokens, c.sample)
             (decodes if c.is_decode else prefills).append(sc)
         meta = self.runner.build_metadata(decodes, prefills, slots)
         dev = self.device
@@ -145,7 +168,8 @@ class StageRunner:
         return ps.send(x, self.next_rank, tag, what="send"), x
 
     def _sync_tables(self, msg: StepMsg) -> None:
-        chunks = [SimpleNamespace(request=SimpleNamespace(slot=c.slot, block_ids=c.block_ids)) for c in msg.chunks]
+        chunks = [SimpleNamespace(request=SimpleNamespace(slot=c.slot, block_ids=self.tables[c.slot]))
+                  for c in msg.chunks]
         self.runner.tables.sync(SimpleNamespace(new_slots=msg.new_slots, chunks=chunks))
 
     @torch.inference_mode()
@@ -154,6 +178,7 @@ class StageRunner:
         sampled rows (logits [n, V], or argmax ids [n] when msg.greedy_ids): the rows in chunk order."""
         pending, out, returns = [], [], []
         is_driver = self.rank == self.driver_rank
+        self._apply_tables(msg)
         if self.runner.tables is not None:
             self._sync_tables(msg)
         graphs = self.runner.graphs
