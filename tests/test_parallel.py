@@ -117,6 +117,43 @@ def test_tp2_pp2_four_processes_match_single(qwen3_3l, reference):
             assert abs(a[t].logprob - b[t].logprob) < 1e-4
 
 
+def test_tp2_overlapped_steps_match_single(qwen3_3l, reference):
+    """--async-scheduling on TP=2: step N+1 is launched before N's tokens reach the host; the driver broadcasts
+    the sampled ids over the TP group and every rank reads its pending inputs from last_sampled."""
+    ref_tokens, ref_logits = reference
+    engine = LLMEngine.from_engine_args(engine_args(qwen3_3l, tensor_parallel_size=2, async_scheduling=True))
+    try:
+        assert engine.async_scheduling
+        enc = engine.runner.encoder
+        seen = {"pending": 0, "steps": 0}
+        orig = enc.encode
+
+        def spy(plan, pp, greedy_ids, share_tokens=False):
+            msg, ordered = orig(plan, pp, greedy_ids, share_tokens)
+            seen["pending"] += sum(c.pending for c in msg.chunks)
+            seen["steps"] += 1
+            return msg, ordered
+        enc.encode = spy
+        tokens, logits = run_greedy(engine, prompts())
+        assert tokens == ref_tokens
+        torch.testing.assert_close(logits, ref_logits, **TOL)
+        assert seen["pending"] > 0  # inputs really came from the device
+        # stops: EOS-like stop ids and max_tokens cut each request exactly where the single engine does
+        for i in range(len(prompts())):
+            stop_id = ref_tokens[i][-3]
+            engine.add_request(f"st{i}", prompts()[i], SamplingParams(max_tokens=8, temperature=0.0,
+                                                                      stop_token_ids=[stop_id]))
+        outs = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                outs[int(o.request_id[2:])] = o.outputs[0]
+        for i, o in outs.items():
+            want = ref_tokens[i][: ref_tokens[i].index(ref_tokens[i][-3]) + 1]
+            assert o.token_ids == want and o.finish_reason == "stop"
+    finally:
+        engine.shutdown()
+
+
 def test_dp2_matches_dp1(qwen3_3l):
     from strata.engine.dp import DataParallelLLM
     from strata.engine.llm import LLM

@@ -41,6 +41,7 @@ from strata.config.engine import EngineArgs, EngineConfig
 from strata.core.errors import EngineDeadError, ModelLoadError, ParameterError, StrataError
 from strata.core.plan import StepPlan, StepResult
 from strata.layers.sampler import Sampler, SamplingBatch
+from strata.runner.model_runner import StepHandle
 from strata.parallel import state as ps
 from strata.parallel.launch import ParallelSpec, check_master, needs_executor, resolve_spec  # noqa: F401
 from strata.parallel.stage import MsgEncoder, StageRunner, runner_order
@@ -354,6 +355,7 @@ class MultiprocExecutor:
         self._dead: str | None = None
         self._closed = False
         self.encoder = MsgEncoder()
+        self._launch_stats = [0, 0.0, 0]  # StepHandle's accounting slot (unused here)
         self.logits_hook = None  # tests: called with the [rows, vocab] logits the driver samples from
         self.sample_on_last_stage = True  # PP > 1, all-greedy steps: the last stage returns argmax ids only
         if procs:
@@ -444,6 +446,40 @@ class MultiprocExecutor:
                 result.logprobs.append(lps[i] if lps is not None else None)
         return result
 
+    @property
+    def supports_async(self) -> bool:
+        """Overlapped steps need the sampled ids on every rank's device: one pipeline stage only."""
+        return self.spec.pp == 1
+
+    def launch(self, plan: StepPlan) -> StepHandle:
+        """Overlapped steps (PP = 1): queue the step on every rank and sample on the driver's device without
+        waiting; the sampled ids are broadcast over the TP group on the device, so that the next step, launched
+        before this one's tokens reach the host, reads its pending inputs from every rank's last_sampled."""
+        self._check()
+        ordered = runner_order(plan)
+        sample_chunks = [c for c in ordered if c.sample]
+        batch = SamplingBatch([c.request for c in sample_chunks]) if sample_chunks else None
+        msg, _ = self.encoder.encode(plan, 1, False, share_tokens=True)
+        tokens = lps = None
+        with self._lock:
+            self._check()
+            try:
+                _arm("step")
+                self._send_ctrl(("step", msg))
+                outs = self.stage.run(msg)
+                if sample_chunks:
+                    logits = torch.cat(outs)
+                    if self.logits_hook is not None:
+                        self.logits_hook(logits)
+                    tokens, lps = self.sampler.sample(logits, batch)
+                    self.stage.share_tokens(msg, tokens)
+                _disarm()
+            except Exception as e:
+                time.sleep(0.2)
+                self._die(self._dead or f"step failed: {type(e).__name__}: {e}")
+                raise EngineDeadError(f"the parallel engine is dead: {self._dead}") from e
+        return StepHandle(plan, sample_chunks, batch, tokens, lps, self._launch_stats)
+
     def collective_rpc(self, method: str, *args) -> list:
         """Call `_Handler.method(*args)` on every rank; returns the results in rank order."""
         self._check()
@@ -485,7 +521,7 @@ def _engine_config(args: EngineArgs, source, r: _Rank, served_name: str) -> Engi
                     max_num_batched_tokens=r.max_num_batched_tokens,
                     # the same auto rule as one process (it was left at 0, i.e. 1, here: no admission batching)
                     admit_batch=args.admit_batch or (max(1, args.max_num_seqs // 16) if on_gpu else 1),
-                    async_scheduling=False)  # the executor runs each step synchronously
+                    async_scheduling=bool(args.async_scheduling) and r.spec.pp == 1)
     kw = {f.name: resolved[f.name] if f.name in resolved else getattr(args, f.name) for f in fields(EngineConfig)}
     return EngineConfig(**kw)
 

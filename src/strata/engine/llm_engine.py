@@ -101,9 +101,10 @@ class LLMEngine:
         self.child_parent: dict[str, _Parent] = {}
         self.holding: set[str] = set()  # parents whose n > 1 siblings are held back (parent.pending)
         # Only the single-process runner can launch a step and collect it later.
-        self.async_scheduling = bool(config.async_scheduling) and isinstance(runner, ModelRunner)
+        self.async_scheduling = bool(config.async_scheduling) and (isinstance(runner, ModelRunner)
+                                                                   or getattr(runner, "supports_async", False))
         if config.async_scheduling and not self.async_scheduling:
-            log.warning("async scheduling needs the single-process model runner; stepping synchronously")
+            log.warning("async scheduling needs one pipeline stage; stepping synchronously")
         self.in_flight: tuple[StepPlan, StepHandle] | None = None
         self._seed_counter = itertools.count()
         self._aborted_outputs: list[RequestOutput] = []

@@ -70,12 +70,9 @@ class ShmBroadcast:
 
     @classmethod
     def attach(cls, name: str, readers: int, index: int, slots: int = 4, slot_bytes: int = 4 << 20) -> "ShmBroadcast":
+        # Readers are processes the writer spawned: they share its resource tracker, which forgets the segment
+        # when the writer unlinks it (a reader that unregistered it here would make that unlink complain).
         shm = shared_memory.SharedMemory(name=name)
-        try:  # the writer owns (and unlinks) the segment; readers must not let the tracker remove it
-            from multiprocessing import resource_tracker
-            resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
-        except Exception:  # noqa: BLE001 - best effort; only matters at interpreter exit
-            pass
         return cls(shm, readers, slots, slot_bytes, index, False)
 
     @property

@@ -24,6 +24,7 @@ import torch
 
 from strata.attention.backend import forward_context
 from strata.core.plan import ScheduledChunk, StepPlan
+from strata.layers.sampler import to_device
 from strata.parallel import state as ps
 from strata.runner.model_runner import ModelRunner
 
@@ -38,6 +39,7 @@ class ChunkMsg(NamedTuple):  # a tuple: pickles in a fraction of a dataclass's t
     block_base: int  # this slot's block table keeps its first block_base ids ...
     new_block_ids: list[int]  # ... followed by these (each rank mirrors the tables: only the diff travels)
     slot: int  # the request's stable slot
+    pending: bool = False  # overlapped steps: the input token is still being sampled; read it from last_sampled
 
     @property
     def is_decode(self) -> bool:
@@ -52,6 +54,7 @@ class StepMsg:
     num_sampled: int = 0
     new_slots: list[int] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    share_tokens: bool = False  # overlapped steps: the driver broadcasts the sampled ids over TP on the device
 
 
 def runner_order(plan: StepPlan) -> list[ScheduledChunk]:
@@ -88,7 +91,8 @@ class MsgEncoder:
     def __init__(self):
         self.sent: dict[int, int] = {}
 
-    def encode(self, plan: StepPlan, pp: int, greedy_ids: bool) -> tuple[StepMsg, list[ScheduledChunk]]:
+    def encode(self, plan: StepPlan, pp: int, greedy_ids: bool,
+               share_tokens: bool = False) -> tuple[StepMsg, list[ScheduledChunk]]:
         for s in plan.new_slots:
             self.sent[s] = 0
         ordered = runner_order(plan)
@@ -98,10 +102,13 @@ class MsgEncoder:
             ids = r.block_ids
             base = min(self.sent.get(r.slot, 0), len(ids))
             self.sent[r.slot] = len(ids)
-            chunks.append(ChunkMsg(c.start, c.num_tokens, c.sample, r.tokens(c.start, c.start + c.num_tokens),
-                                   base, ids[base:], r.slot))
+            pending = c.input_pending
+            toks = [0] if pending else r.tokens(c.start, c.start + c.num_tokens)
+            chunks.append(ChunkMsg(c.start, c.num_tokens, c.sample, toks, base, ids[base:], r.slot, pending))
         mbs = split_microbatches(chunks, pp) if pp > 1 else [(0, len(chunks))]
-        return StepMsg(chunks, mbs, greedy_ids, sum(1 for c in ordered if c.sample), list(plan.new_slots)), ordered
+        msg = StepMsg(chunks, mbs, greedy_ids, sum(1 for c in ordered if c.sample), list(plan.new_slots),
+                      share_tokens=share_tokens)
+        return msg, ordered
 
 
 class StageRunner:
@@ -140,9 +147,11 @@ class StageRunner:
 
     def _inputs(self, chunks: list[ChunkMsg]):
         bs = self.runner.block_size
-        ids, pos, slots, decodes, prefills = [], [], [], [], []
+        ids, pos, slots, decodes, prefills, pending = [], [], [], [], [], []
         for c in chunks:
             rng = range(c.start, c.start + c.num_tokens)
+            if c.pending:
+                pending.append((len(ids), c.slot))
             ids.extend(c.token_ids)
             pos.extend(rng)
             table = self.tables[c.slot]
@@ -151,8 +160,23 @@ class StageRunner:
             (decodes if c.is_decode else prefills).append(sc)
         meta = self.runner.build_metadata(decodes, prefills, slots)
         dev = self.device
-        return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
-                meta)
+        input_ids = to_device(ids, torch.int64, dev)
+        if pending:  # decode inputs the step before sampled, not yet on the host: every rank holds them
+            at = to_device([i for i, _ in pending], torch.int64, dev)
+            src = to_device([s for _, s in pending], torch.int64, dev)
+            input_ids.index_copy_(0, at, self.runner.last_sampled.index_select(0, src))
+        return input_ids, to_device(pos, torch.int64, dev), meta
+
+    def share_tokens(self, msg: StepMsg, tokens: torch.Tensor | None) -> None:
+        """Overlapped steps: the driver's sampled ids [num_sampled] go to every TP rank on the device (no host
+        round trip) and into each rank's last_sampled at the sampled requests' slots; workers pass None."""
+        slots = [c.slot for c in msg.chunks if c.sample]
+        if not slots:
+            return
+        if tokens is None:
+            tokens = torch.empty(len(slots), dtype=torch.int64, device=self.device)
+        ps.broadcast(tokens, src=self.driver_rank, group=self.tp, what="sampled_ids")
+        self.runner.last_sampled.index_copy_(0, to_device(slots, torch.int64, self.device), tokens)
 
     def _recv_boundary(self, n: int, tag: int) -> torch.Tensor:
         if self.slice_boundary:
@@ -183,9 +207,14 @@ class StageRunner:
             self._sync_tables(msg)
         graphs = self.runner.graphs
         if graphs is not None and all(c.is_decode for c in msg.chunks) and graphs.fits(len(msg.chunks)):
+            pend = [c.pending for c in msg.chunks]
             logits = graphs.run([c.token_ids[0] for c in msg.chunks], [c.start for c in msg.chunks],
-                                [c.slot for c in msg.chunks])  # [B, V], every decode samples
-            return [logits] if is_driver else []
+                                [c.slot for c in msg.chunks], pend if any(pend) else None)  # [B, V]
+            if is_driver:
+                return [logits]
+            if msg.share_tokens:
+                self.share_tokens(msg, None)
+            return []
         for i, (a, b) in enumerate(msg.microbatches):
             chunks = msg.chunks[a:b]
             input_ids, positions, meta = self._inputs(chunks)
@@ -228,4 +257,6 @@ class StageRunner:
                                        RETURN_TAG + i))
         for w, _ in pending:  # the tensors stay referenced until their sends complete
             w.wait()
+        if msg.share_tokens and not is_driver:
+            self.share_tokens(msg, None)
         return out

@@ -234,6 +234,16 @@ def all_reduce_async(x: torch.Tensor, group: GroupInfo | None = None):
     return dist.all_reduce(x, group=g.group, async_op=True)
 
 
+def broadcast(x: torch.Tensor, src: int, group: GroupInfo | None = None, what: str = "broadcast") -> torch.Tensor:
+    """In-place broadcast of `x` from global rank `src` over the group (device tensors on NCCL)."""
+    g = group or tp()
+    if g.size == 1:
+        return x
+    _count(g, what, _nbytes(x) * (g.size - 1))
+    dist.broadcast(x, src=src, group=g.group)
+    return x
+
+
 def all_gather(x: torch.Tensor, dim: int = -1, group: GroupInfo | None = None,
                what: str = "all_gather") -> torch.Tensor:
     g = group or tp()
