@@ -61,6 +61,7 @@ class Request:
         # this request's full blocks (prefix of all_token_ids), computed incrementally.
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []
+        self.num_registered_blocks = 0  # leading block_ids already offered to the prefix cache
         # Stable per-running-request index into the runner's persistent device state (None when not running).
         self.slot: int | None = None
         self.stop_reason: int | str | None = None

@@ -145,18 +145,22 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         upto = req.num_computed_tokens if num_computed is None else num_computed
-        self._update_hashes(req, upto)
         n_full = min(upto // self.block_size, len(req.block_ids))
-        for i in range(n_full):
+        if n_full <= req.num_registered_blocks:  # the common decode step: no block filled up
+            return
+        self._update_hashes(req, upto)
+        for i in range(req.num_registered_blocks, n_full):  # earlier ones were registered (or shared) already
             b = req.block_ids[i]
             if self.pool.block_hash[b] is None:
                 self.pool.register(b, req.block_hashes[i])
+        req.num_registered_blocks = n_full
 
     def free(self, req: Request) -> None:
         # Tail first, so that the tail of a sequence is evicted before its (more shareable) head.
         for b in reversed(req.block_ids):
             self.pool.release(b)
         req.block_ids = []
+        req.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         for h, b in list(self.pool.cached.items()):
