@@ -8,7 +8,8 @@ Each replica is a process with its own LLMEngine (its own scheduler and KV cache
 their own workers), its own block of GPUs (CUDA_VISIBLE_DEVICES) or share of the CPU cores, and its own
 rendezvous port. The parent tokenizes nothing but the load estimate: a request goes to the replica with the
 fewest outstanding tokens (prompt + max_tokens of its unfinished requests), ties to the lowest index, so a
-batch of prompts is spread evenly by work, not by count. Replicas send back finished outputs only.
+batch of prompts is spread evenly by work, not by count; each replica gets its share of a call in one message
+(so that its first step sees all of it, as one engine would). Replicas send back finished outputs only.
 
 Greedy and seeded requests give exactly the outputs of one engine. Unseeded random sampling draws from each
 replica's own generator, so those differ from a single engine's (as they would between two runs of it with a
@@ -50,12 +51,12 @@ def _replica_main(args: EngineArgs, conn, env: dict) -> None:
             for cmd in cmds:
                 if cmd[0] == "stop":
                     return
-                if cmd[0] == "add":
-                    _, rid, prompt, params = cmd
-                    try:
-                        engine.add_request(rid, prompt, params)
-                    except Exception as e:  # noqa: BLE001 - the caller's bad input
-                        conn.send(("error", rid, type(e).__name__, str(e), getattr(e, "param", None)))
+                if cmd[0] == "add":  # a whole call's share at once: the first step sees all of it
+                    for rid, prompt, params in cmd[1]:
+                        try:
+                            engine.add_request(rid, prompt, params)
+                        except Exception as e:  # noqa: BLE001 - the caller's bad input
+                            conn.send(("error", rid, type(e).__name__, str(e), getattr(e, "param", None)))
                 elif cmd[0] == "abort":
                     engine.abort_request(cmd[1])
             if engine.has_unfinished_requests():
@@ -173,6 +174,7 @@ class DataParallelLLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         ids, cost = [], {}
+        share: list[list] = [[] for _ in range(self.size)]
         for p, sp in zip(prompts, params):
             rid = f"dp-{next(self._ids)}"
             r = self.pick()
@@ -180,8 +182,13 @@ class DataParallelLLM:
             self.load[r] += cost[rid]
             self.assigned[rid] = r
             self.dispatched[r] += 1
-            self._conns[r].send(("add", rid, p, sp))
+            share[r].append((rid, p, sp))
             ids.append(rid)
+        # One message per replica: a replica that started stepping on the first few requests of a call would
+        # admit the rest in dribs (admission batching holds late arrivals), unlike one engine given the call.
+        for r, items in enumerate(share):
+            if items:
+                self._conns[r].send(("add", items))
         done: dict[str, RequestOutput] = {}
         pending = set(ids)
         error: Exception | None = None
