@@ -196,17 +196,21 @@ def _latency(engine, ctx: int, n_out: int) -> dict:
     engine.add_request("warm", prompt[:64], SamplingParams(max_tokens=8, ignore_eos=True))
     _drain(engine)
     engine.add_request("lat", prompt, SamplingParams(max_tokens=n_out, temperature=0.0, ignore_eos=True))
-    times = []
+    # Token arrival times as the caller sees them (with overlapped steps a step returns the previous step's
+    # tokens, so per-step times are not per-token times).
+    _sync()
+    t0 = time.perf_counter()
+    arrivals, seen = [], 0
     while engine.has_unfinished_requests():
-        _sync()
-        t = time.perf_counter()
-        engine.step()
-        _sync()
-        times.append(time.perf_counter() - t)
-    decode = sorted(times[1:])
-    return {"batch": 1, "context": ctx, "output": n_out, "ttft_ms": round(times[0] * 1e3, 2),
-            "tpot_ms": round(sum(decode) / len(decode) * 1e3, 3),
-            "tpot_median_ms": round(decode[len(decode) // 2] * 1e3, 3)}
+        for o in engine.step():
+            n = len(o.outputs[0].token_ids)
+            now = time.perf_counter()
+            arrivals += [now] * (n - seen)
+            seen = n
+    gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:]))
+    return {"batch": 1, "context": ctx, "output": n_out, "ttft_ms": round((arrivals[0] - t0) * 1e3, 2),
+            "tpot_ms": round((arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) * 1e3, 3),
+            "tpot_median_ms": round(gaps[len(gaps) // 2] * 1e3, 3)}
 
 
 def child_latency(path, layout, ctx, n_out, extra=None):
@@ -278,6 +282,8 @@ def child_main(spec: dict) -> dict:
     os.environ.update(spec.pop("env", None) or {})  # before the engine: spawned ranks inherit it
     if spec.get("tokenizer"):
         ENGINE["tokenizer"] = spec["tokenizer"]
+    if spec.pop("async_steps", False):
+        ENGINE["async_scheduling"] = True
     spec.pop("tokenizer", None)
     if spec.pop("quick", False):  # fewer CUDA graphs to capture
         ENGINE["max_num_seqs"] = 64
@@ -299,10 +305,13 @@ TOKENIZER: str | None = None
 QUICK = False
 
 
+ASYNC = False
+
+
 def run_child(spec: dict, timeout: int = 1800) -> dict:
     """One case in a fresh process. A hung child is killed after `timeout` s; with STRATA_HANG_DUMP_S every rank
     prints its Python stacks first, and the tail of its output is kept in the result."""
-    spec = {**spec, "tokenizer": TOKENIZER, "quick": QUICK, "dry": DRY}
+    spec = {**spec, "tokenizer": TOKENIZER, "quick": QUICK, "dry": DRY, "async_steps": ASYNC}
     label = json.dumps({k: v for k, v in spec.items() if k not in ("records_file",)})[:200]
     log(f"== {label}")
     t = time.perf_counter()
@@ -497,6 +506,8 @@ def main() -> int:
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {','.join(CASES)}")
     ap.add_argument("--quick", action="store_true", help="small workloads: a smoke run of this script")
     ap.add_argument("--full", action="store_true", help="also the eager variants of latency8b")
+    ap.add_argument("--async-steps", action="store_true",
+                    help="--async-scheduling in every engine (PP engines still step synchronously)")
     ap.add_argument("--parity-dtypes", default="float32,bfloat16")
     ap.add_argument("--parity-layouts", default="tp2,pp2")
     ap.add_argument("--sharegpt-mp", default="tp2,pp2", help="layouts of the sharegpt_mp case")
@@ -510,8 +521,9 @@ def main() -> int:
         print(json.dumps(child_main(json.loads(args.child))), flush=True)
         return 0
     import torch
-    global TOKENIZER, QUICK, DRY
+    global TOKENIZER, QUICK, DRY, ASYNC
     DRY = args.dry_run
+    ASYNC = args.async_steps
     QUICK = args.quick or DRY
     TOKENIZER = args.tokenizer or (os.path.join(ROOT, ".carry", "tok")
                                    if os.path.isdir(os.path.join(ROOT, ".carry", "tok")) else None)
@@ -520,7 +532,8 @@ def main() -> int:
             "gpus": torch.cuda.device_count(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                      cwd=ROOT).stdout.strip(),
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "quick": QUICK}
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "quick": QUICK,
+            "async_steps": ASYNC}
     base = tempfile.mkdtemp(prefix="strata-parallel-gpu-")
     all_runs = []
     for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
