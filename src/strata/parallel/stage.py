@@ -56,6 +56,17 @@ class StepMsg:
     meta: dict = field(default_factory=dict)
     share_tokens: bool = False  # overlapped steps: the driver broadcasts the sampled ids over TP on the device
 
+    # Pickled as columns (one list per ChunkMsg field): ~10x cheaper to pickle than a list of tuples.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["chunks"] = tuple(map(list, zip(*self.chunks))) if self.chunks else ()
+        return state
+
+    def __setstate__(self, state):
+        cols = state["chunks"]
+        state["chunks"] = list(map(tuple.__new__, [ChunkMsg] * len(cols[0]), zip(*cols))) if cols else []
+        self.__dict__.update(state)
+
 
 def runner_order(plan: StepPlan) -> list[ScheduledChunk]:
     """The order ModelRunner computes and samples in: decodes first (same classification)."""
