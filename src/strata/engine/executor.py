@@ -409,6 +409,23 @@ class MultiprocExecutor:
         ps.broadcast_object(msg)
 
     # ---- the step
+    def _run_step(self, msg, after=None):
+        """Broadcast the step and run the driver's stage (then `after(outs)`, under the same lock and failure
+        handling). Returns what `after` returns, or the stage's outputs."""
+        with self._lock:
+            self._check()
+            try:
+                _arm("step")
+                self._send_ctrl(("step", msg))
+                outs = self.stage.run(msg)
+                out = after(outs) if after is not None else outs
+                _disarm()
+                return out
+            except Exception as e:
+                time.sleep(0.2)  # let the monitor name the dead worker, when that is the cause
+                self._die(self._dead or f"step failed: {type(e).__name__}: {e}")
+                raise EngineDeadError(f"the parallel engine is dead: {self._dead}") from e
+
     def execute(self, plan: StepPlan) -> StepResult:
         self._check()
         ordered = runner_order(plan)
@@ -417,17 +434,7 @@ class MultiprocExecutor:
         greedy_ids = (batch is not None and self.spec.pp > 1 and self.sample_on_last_stage and batch.all_greedy
                       and not batch.any_penalty and not batch.any_min_tokens and batch.max_logprobs is None)
         msg, _ = self.encoder.encode(plan, self.spec.pp, greedy_ids)
-        with self._lock:
-            self._check()
-            try:
-                _arm("step")
-                self._send_ctrl(("step", msg))
-                outs = self.stage.run(msg)
-                _disarm()
-            except Exception as e:
-                time.sleep(0.2)  # let the monitor name the dead worker, when that is the cause
-                self._die(self._dead or f"step failed: {type(e).__name__}: {e}")
-                raise EngineDeadError(f"the parallel engine is dead: {self._dead}") from e
+        outs = self._run_step(msg)
         if not sample_chunks:
             return StepResult()
         if greedy_ids:
@@ -460,24 +467,18 @@ class MultiprocExecutor:
         sample_chunks = [c for c in ordered if c.sample]
         batch = SamplingBatch([c.request for c in sample_chunks]) if sample_chunks else None
         msg, _ = self.encoder.encode(plan, 1, False, share_tokens=True)
-        tokens = lps = None
-        with self._lock:
-            self._check()
-            try:
-                _arm("step")
-                self._send_ctrl(("step", msg))
-                outs = self.stage.run(msg)
-                if sample_chunks:
-                    logits = torch.cat(outs)
-                    if self.logits_hook is not None:
-                        self.logits_hook(logits)
-                    tokens, lps = self.sampler.sample(logits, batch)
-                    self.stage.share_tokens(msg, tokens)
-                _disarm()
-            except Exception as e:
-                time.sleep(0.2)
-                self._die(self._dead or f"step failed: {type(e).__name__}: {e}")
-                raise EngineDeadError(f"the parallel engine is dead: {self._dead}") from e
+
+        def sample(outs):
+            if not sample_chunks:
+                return None, None
+            logits = torch.cat(outs)
+            if self.logits_hook is not None:
+                self.logits_hook(logits)
+            tokens, lps = self.sampler.sample(logits, batch)
+            self.stage.share_tokens(msg, tokens)
+            return tokens, lps
+
+        tokens, lps = self._run_step(msg, sample)
         return StepHandle(plan, sample_chunks, batch, tokens, lps, self._launch_stats)
 
     def collective_rpc(self, method: str, *args) -> list:
