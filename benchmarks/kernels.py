@@ -184,7 +184,7 @@ def run_kernels(tk, ref, ceil: dict, quick: bool) -> list[dict]:
     mem_row("rotary_embedding", f"T={T} q={H}x{D} k={KVH}x{D}", lambda: tk.rotary_embedding(pos, q, k, cs, D),
             lambda: ref.rotary_embedding(pos, q, k, cs, D),
             2 * T * (H + KVH) * D * e + T * D * 4 + T * 8)
-    del qkv
+    del qkv, q, k
 
     g = torch.randn(T, 2 * INTER, dtype=DT, device=DEVICE)
     mem_row("silu_and_mul", f"T={T} inter={INTER}", lambda: tk.silu_and_mul(g), lambda: ref.silu_and_mul(g),
@@ -200,6 +200,22 @@ def run_kernels(tk, ref, ceil: dict, quick: bool) -> list[dict]:
     mem_row("reshape_and_cache", f"T={T} kv={KVH}x{D}", lambda: tk.reshape_and_cache(key, val, kc, vc, slots),
             lambda: ref.reshape_and_cache(key, val, kc, vc, slots), 4 * T * KVH * D * e + T * 8)
     del key, val, kc, vc
+
+    # the fused attention-input epilogue (q/k norm + rotary + cache write) against the unfused Triton kernels
+    # it replaces ("twin" column here: the unfused composition), at decode (launch-bound) and prefill sizes
+    from strata import ops as dispatch
+    for n in (1, 64, T):
+        qkv = torch.randn(n, (H + 2 * KVH) * D, dtype=DT, device=DEVICE)
+        p_ = torch.randint(0, 4096, (n,), device=DEVICE)
+        nbk = max(2, n // BLOCK_SIZE * 2)
+        kc = torch.empty(nbk, BLOCK_SIZE, KVH, D, dtype=DT, device=DEVICE)
+        vc = torch.empty_like(kc)
+        sl = torch.randperm(nbk * BLOCK_SIZE, device=DEVICE)[:n]
+        wn = torch.rand(D, dtype=DT, device=DEVICE) + 0.5
+        a = (qkv, p_, cs, wn, wn, 1e-6, kc, vc, sl, H, KVH, D)
+        mem_row("qkv_epilogue (fused)", f"T={n} q={H}x{D} kv={KVH}x{D}", lambda a=a: tk.qkv_epilogue(*a),
+                lambda a=a: ref.qkv_epilogue(*a, ops=dispatch), n * (H + 2 * KVH) * D * e * 2 + n * D * 4)
+        del qkv, kc, vc
     torch.cuda.empty_cache()
     return rows
 

@@ -312,6 +312,67 @@ def test_rotary_embedding(dtype, heads):
     assert torch.equal(q, q0) and torch.equal(k, k0)
 
 
+# ------------------------------------------------------------------------------------------- qkv epilogue
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,d", [((4, 4), 32), ((8, 2), 64), ((6, 1), 32), ((8, 8), 128)])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qkv_epilogue_matches_composition(dtype, heads, d, qk_norm):
+    """norm (Qwen3) + rotary + cache write in one kernel == the twins one after another; slot -1 skipped."""
+    H, kvh = heads
+    T = 9
+    qkv = (torch.randn(T, (H + 2 * kvh) * d) * 2).to(dtype)
+    wide = torch.randn(T, (H + 2 * kvh) * d + 7).to(dtype)
+    wide[:, 3:3 + qkv.shape[1]] = qkv
+    view = wide[:, 3:3 + qkv.shape[1]]  # strided rows, as the qkv projection's output may be
+    pos = torch.randint(0, 300, (T,))
+    pos[0] = 0
+    slots = torch.randperm(4 * BS)[:T]
+    slots[2] = -1
+    cs = _cos_sin_cache(300, d)
+    wq = (torch.rand(d) + 0.5).to(dtype) if qk_norm else None
+    wk = (torch.rand(d) + 0.5).to(dtype) if qk_norm else None
+    ek, ev = rand_cache(4, kvh, d, dtype)
+    gk, gv = ek.clone(), ev.clone()
+    eq = ref.qkv_epilogue(qkv, pos, cs, wq, wk, 1e-6, ek, ev, slots, H, kvh, d)
+    with poisoned_empty():
+        oq = tk.qkv_epilogue(view, pos, cs, wq, wk, 1e-6, gk, gv, slots, H, kvh, d)
+    assert oq.shape == (T, H * d) and oq.dtype == dtype and oq.is_contiguous()
+    assert_close(oq, eq, dtype)
+    assert_close(gk, ek, dtype)
+    assert torch.equal(gv, ev)  # V is copied, never rounded differently
+
+
+def test_qkv_epilogue_dispatcher_composes_unfused_kernels(monkeypatch):
+    """Off (or failing its device check), the dispatcher composes the unfused kernels: same result."""
+    monkeypatch.setenv("STRATA_FORCE_TRITON", "1")
+    H, kvh, d, T = 4, 2, 32, 5
+    qkv = torch.randn(T, (H + 2 * kvh) * d)
+    pos, slots, cs = torch.arange(T), torch.arange(T), _cos_sin_cache(16, d)
+    w = torch.rand(d) + 0.5
+    k1, v1 = rand_cache(2, kvh, d, torch.float32)
+    k2, v2 = k1.clone(), v1.clone()
+    q1 = ops.qkv_epilogue(qkv, pos, cs, w, w, 1e-6, k1, v1, slots, H, kvh, d)
+    monkeypatch.setenv("STRATA_DISABLE_FUSED_EPILOGUE", "1")
+    q2 = ops.qkv_epilogue(qkv, pos, cs, w, w, 1e-6, k2, v2, slots, H, kvh, d)
+    assert_close(q1, q2, torch.float32)
+    assert_close(k1, k2, torch.float32)
+    assert torch.equal(v1, v2)
+
+
+def test_qkv_epilogue_device_check_turns_a_wrong_kernel_off(monkeypatch):
+    """The runner's warm-up check: the fused kernel agrees with the unfused ones (kept on), and a kernel that
+    disagrees is turned off for the process (the dispatcher then composes the unfused kernels)."""
+    monkeypatch.setenv("STRATA_FORCE_TRITON", "1")
+    monkeypatch.setattr(ops, "_fused_epilogue_ok", True)
+    assert ops.check_fused_qkv_epilogue(torch.device("cpu"), torch.float32, 4, 2, 32, qk_norm=True)
+    assert ops._fused_epilogue_ok
+    real = tk.qkv_epilogue
+    monkeypatch.setattr(tk, "qkv_epilogue", lambda *a, **k: real(*a, **k) * 1.5)
+    assert not ops.check_fused_qkv_epilogue(torch.device("cpu"), torch.bfloat16, 4, 2, 32, qk_norm=False)
+    assert not ops._fused_epilogue_ok
+
+
 # ------------------------------------------------------------------------------------------- silu_and_mul
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

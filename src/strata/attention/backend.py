@@ -60,10 +60,25 @@ class Attention(nn.Module):
         """q: [T, H*d], k/v: [T, kvh*d] -> [T, H*d]."""
         m = get_forward_context()
         T = q.shape[0]
-        q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         ops.reshape_and_cache(k, v, self.k_cache, self.v_cache, m.slot_mapping)
+        return self._attend(q, m)
+
+    def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, rotary, q_norm=None,
+                    k_norm=None) -> torch.Tensor:
+        """From the fused qkv projection [T, (H + 2 kvh) d]: (q/k RMSNorm,) rotary and the cache write in one
+        op (`ops.qkv_epilogue`: one kernel on CUDA), then attention. Returns [T, H*d]."""
+        m = get_forward_context()
+        q = ops.qkv_epilogue(qkv, positions, rotary.cos_sin_cache, q_norm.weight if q_norm is not None else None,
+                             k_norm.weight if k_norm is not None else None,
+                             q_norm.eps if q_norm is not None else 0.0, self.k_cache, self.v_cache,
+                             m.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
+        return self._attend(q, m)
+
+    def _attend(self, q: torch.Tensor, m) -> torch.Tensor:
+        T = q.shape[0]
+        q = q.view(T, self.num_heads, self.head_dim)
         nd = m.num_decode_tokens
         if nd == T:
             out = ops.paged_decode_attention(q, self.k_cache, self.v_cache, m.decode_block_tables,

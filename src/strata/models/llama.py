@@ -46,13 +46,10 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 kvh) d]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.qk_norm:
-            T = q.shape[0]
-            q = self.q_norm(q.reshape(T, self.num_heads, self.head_dim)).view(T, self.q_size)
-            k = self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim)).view(T, self.kv_size)
-        q, k = rotary(positions, q, k)
-        hidden = self.o_proj(self.attn(q, k, v.contiguous()))
+        # (q/k norm,) rotary and the K/V cache write: one kernel on CUDA
+        attn = self.attn.forward_qkv(qkv, positions, rotary, self.q_norm if self.qk_norm else None,
+                                     self.k_norm if self.qk_norm else None)
+        hidden = self.o_proj(attn)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 

@@ -24,6 +24,7 @@ __all__ = [
     "fused_add_rms_norm",
     "silu_and_mul",
     "rotary_embedding",
+    "qkv_epilogue",
     "triton_available",
     "use_triton",
 ]
@@ -106,3 +107,56 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if use_triton(q):
         return _tk.rotary_embedding(positions, q, k, cos_sin_cache, head_dim)
     return ref.rotary_embedding(positions, q, k, cos_sin_cache, head_dim)
+
+
+# The fused epilogue is checked against the composition of the unfused kernels on the real device once, at
+# the runner's warm-up (`check_fused_qkv_epilogue`); a mismatch turns it off for the process, with a warning.
+# STRATA_DISABLE_FUSED_EPILOGUE=1 turns it off by hand.
+_fused_epilogue_ok = True
+
+
+def qkv_epilogue(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                 q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    args = (qkv, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps, k_cache, v_cache, slot_mapping,
+            num_heads, num_kv_heads, head_dim)
+    if use_triton(qkv) and _fused_epilogue_ok and not os.environ.get("STRATA_DISABLE_FUSED_EPILOGUE"):
+        return _tk.qkv_epilogue(*args)
+    return ref.qkv_epilogue(*args, ops=_this())
+
+
+def _this():
+    import sys
+    return sys.modules[__name__]
+
+
+def check_fused_qkv_epilogue(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
+                             head_dim: int, qk_norm: bool, eps: float = 1e-6) -> bool:
+    """Run the fused kernel and the unfused kernels on the same random inputs on `device`; disable the fused
+    one for this process if they disagree. Returns whether the fused kernel is in use."""
+    global _fused_epilogue_ok
+    if not use_triton(torch.empty(0, device=device)) or os.environ.get("STRATA_DISABLE_FUSED_EPILOGUE"):
+        return False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    T, bs, nb = 5, 16, 4
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    qkv = torch.randn(T, width, generator=g).to(device=device, dtype=dtype)
+    pos = torch.tensor([0, 3, 17, 40, 63], device=device)
+    freqs = torch.outer(torch.arange(64).float(), torch.rand(head_dim // 2, generator=g))
+    cs = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+    w = (torch.rand(head_dim, generator=g) + 0.5).to(device=device, dtype=dtype) if qk_norm else None
+    slots = torch.tensor([1, 18, -1, 40, 63], device=device)
+    caches = [torch.zeros(nb, bs, num_kv_heads, head_dim, device=device, dtype=dtype) for _ in range(4)]
+    q1 = _tk.qkv_epilogue(qkv, pos, cs, w, w, eps, caches[0], caches[1], slots, num_heads, num_kv_heads, head_dim)
+    q2 = ref.qkv_epilogue(qkv, pos, cs, w, w, eps, caches[2], caches[3], slots, num_heads, num_kv_heads, head_dim,
+                          ops=_this())
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+    ok = all(torch.allclose(a.float(), b.float(), **tol) for a, b in ((q1, q2), (caches[0], caches[2]),
+                                                                   (caches[1], caches[3])))
+    if not ok:
+        import logging
+        logging.getLogger("strata.ops").warning("fused qkv epilogue disagrees with the unfused kernels on %s; "
+                                                "using the unfused ones", device)
+        _fused_epilogue_ok = False
+    return ok

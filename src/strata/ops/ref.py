@@ -147,3 +147,24 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         return o.to(x.dtype).view(T, -1)
 
     return rot(q), rot(k)
+
+
+def qkv_epilogue(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                 q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 num_heads: int, num_kv_heads: int, head_dim: int, ops=None) -> torch.Tensor:
+    """Attention inputs from a fused qkv [T, (H + 2 kvh) d]: per-head RMSNorm of q and k (when weights are
+    given), neox rotary, K/V written into the cache (slot -1 skipped). Returns q [T, H*d].
+    `ops`: the module whose pieces to compose (default: these twins; strata.ops composes its dispatched ones)."""
+    norm, rotate, cache = ((rms_norm, rotary_embedding, reshape_and_cache) if ops is None else
+                           (ops.rms_norm, ops.rotary_embedding, ops.reshape_and_cache))
+    T = qkv.shape[0]
+    qs, ks = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.split([qs, ks, ks], dim=-1)
+    if q_norm_weight is not None:
+        q = norm(q.reshape(T, num_heads, head_dim), q_norm_weight, eps).reshape(T, qs)
+        k = norm(k.reshape(T, num_kv_heads, head_dim), k_norm_weight, eps).reshape(T, ks)
+    q, k = rotate(positions, q, k, cos_sin_cache, head_dim)
+    cache(k.reshape(T, num_kv_heads, head_dim), v.reshape(T, num_kv_heads, head_dim), k_cache, v_cache,
+          slot_mapping)
+    return q

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from strata import ops
 from strata.attention.backend import AttentionMetadata, forward_context
 from strata.core.plan import ScheduledChunk, StepPlan, StepResult
 from strata.layers.sampler import Sampler, SamplingBatch, host_logprobs, to_device
@@ -73,8 +74,14 @@ class ModelRunner:
     @torch.inference_mode()
     def warmup(self) -> None:
         """Compile the eager path's kernel variants (Triton specialises on batch shapes) before serving,
-        so that the first mixed steps of a run do not pay for compilation. Reads only the null block."""
+        so that the first mixed steps of a run do not pay for compilation. Reads only the null block.
+        First, the fused attention-input epilogue is checked against the unfused kernels on this device."""
         dev = self.device
+        layers = self.model.attention_layers
+        if layers:
+            a = layers[0]
+            ops.check_fused_qkv_epilogue(dev, self.dtype, a.num_heads, a.num_kv_heads, a.head_dim,
+                                         bool(getattr(getattr(self.model, "cfg", None), "qk_norm", False)))
         long_len = min(2048, self.max_model_len)
         width = -(-long_len // self.block_size)
         b = 1

@@ -8,6 +8,7 @@ from strata.ops.triton_kernels.cache import reshape_and_cache
 from strata.ops.triton_kernels.decode_attention import paged_decode_attention
 from strata.ops.triton_kernels.norm import fused_add_rms_norm, rms_norm
 from strata.ops.triton_kernels.prefill_attention import paged_prefill_attention
+from strata.ops.triton_kernels.epilogue import qkv_epilogue
 from strata.ops.triton_kernels.rotary import rotary_embedding
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "fused_add_rms_norm",
     "rotary_embedding",
     "silu_and_mul",
+    "qkv_epilogue",
 ]

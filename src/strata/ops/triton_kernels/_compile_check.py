@@ -106,6 +106,9 @@ def _cases(full: bool):
         ("rotary bf16", lambda: tk.rotary_embedding(pos, qkv[:, :32 * 128], qkv[:, 32 * 128:40 * 128], cs, 128)),
         ("silu_and_mul bf16", lambda: tk.silu_and_mul(torch.randn(4, 2 * 9728).to(dt))),
         ("reshape_and_cache bf16", lambda: tk.reshape_and_cache(key, key, kc, kc, slots)),
+        ("qkv_epilogue bf16 qk-norm", lambda: tk.qkv_epilogue(qkv, pos, cs, w[:128], w[:128], 1e-6, kc, kc, slots,
+                                                              32, 8, 128)),
+        ("qkv_epilogue bf16", lambda: tk.qkv_epilogue(qkv, pos, cs, None, None, 1e-6, kc, kc, slots, 32, 8, 128)),
     ]
     if full:
         cases += [
@@ -134,7 +137,8 @@ def main(argv=None) -> int:
         print(f"SKIP: cannot compile offline with this triton: {e!r}")
         return 2
 
-    from strata.ops.triton_kernels import activation, cache, decode_attention, norm, prefill_attention, rotary
+    from strata.ops.triton_kernels import (activation, cache, decode_attention, norm, prefill_attention,
+                                           epilogue, rotary)
 
     # Can this install compile for the target at all (nvidia backend, ptxas)? If not, nothing is checked.
     import torch
@@ -146,7 +150,7 @@ def main(argv=None) -> int:
         return 2
 
     calls: list = []
-    mods = [activation, cache, decode_attention, norm, prefill_attention, rotary]
+    mods = [activation, cache, decode_attention, norm, prefill_attention, epilogue, rotary]
     for m in mods:
         for name in list(vars(m)):
             if name.endswith("_kernel") and isinstance(getattr(m, name), triton.runtime.JITFunction):
