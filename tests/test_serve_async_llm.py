@@ -131,3 +131,38 @@ def test_engine_death_fails_everything_and_health_503(engine, monkeypatch):
             assert "strata:engine_dead" in (await c.get("/metrics")).text
         llm.shutdown()
     asyncio.run(main())
+
+
+def test_overlapped_steps_stream_the_same_tokens(tmp_path):
+    """`--async-scheduling` behind AsyncLLM: concurrent streams give the synchronous engine's greedy tokens and
+    texts, aborts still free everything."""
+    from strata.config.engine import EngineArgs
+    from strata.engine.llm_engine import LLMEngine
+    d = write_tiny_model(tmp_path / "model")
+
+    def run(async_steps):
+        eng = LLMEngine.from_engine_args(EngineArgs(model=d, load_format="dummy", kv_cache_memory=32 << 20,
+                                                    served_model_name="tiny", async_scheduling=async_steps))
+        assert eng.async_scheduling == async_steps
+
+        async def main():
+            llm = AsyncLLM(eng)
+            try:
+                async def one(i):
+                    outs = [o async for o in llm.generate(f"r{i}", [100 + i, 7, 9] * (1 + i % 3), greedy(4 + i % 5))]
+                    return outs[-1].outputs[0].token_ids, "".join(o.outputs[0].text_delta for o in outs)
+                res = await asyncio.gather(*(one(i) for i in range(12)))
+                gen = llm.generate("x", [5, 6], greedy(50))
+                await gen.__anext__()
+                await gen.aclose()  # abort mid-stream
+                for _ in range(100):
+                    if llm.num_in_flight == 0 and eng.kv.usage == 0.0:
+                        break
+                    await asyncio.sleep(0.02)
+                assert llm.num_in_flight == 0 and eng.kv.usage == 0.0
+                return res
+            finally:
+                llm.shutdown()
+        return asyncio.run(main())
+
+    assert run(True) == run(False)
