@@ -4,6 +4,7 @@
 #
 #   PART=h200 bash benchmarks/gpu_pending.sh     # one H200 (or the x2 machine's first GPU)
 #   PART=x2   bash benchmarks/gpu_pending.sh     # nvidia-h200-x2
+#   PART=moe  bash benchmarks/gpu_pending.sh     # nvidia-h200-x2: expert parallelism on 2 GPUs
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src STRATA_HANG_DUMP_S=120
@@ -17,6 +18,10 @@ if [ "${PART:-h200}" = h200 ]; then
   # 3. the batch layer against the engine on 10,000 posts (issue 4: within 10%)
   timeout 250 python3 benchmarks/batch_throughput.py run --posts .carry/batch/sharegpt10k.jsonl --model qwen3-4b \
     --tokenizer .carry/tok --out-json "$OUT/batch-sharegpt10k.json" 2>&1 | grep -v "^batch: done" | tail -5
+elif [ "${PART}" = moe ]; then
+  # 6. Qwen3-30B-A3B: one GPU, TP=2 with TP-sharded experts, TP=2 with expert parallelism
+  timeout 540 python3 benchmarks/parallel_gpu.py --out "$OUT" --cases moe --workloads .carry/workloads \
+    2>&1 | grep -v "^\[transformers\]" | grep -v "^\[rank"
 else
   # 4. DP=2 after the one-message dispatch, TP=2 / PP=2 sharegpt after the admission fix, TP latency with the
   #    shared-memory control path, with and without overlapped steps

@@ -23,6 +23,8 @@ Cases (each writes <out>/parallel_gpu-<case>.json; all of them also go to <out>/
                latency and a 256-request random 512/128 throughput run, memory per GPU
   overlap      Llama-3-8B arch, TP=2: --tp-comm-overlap on vs off: prefill throughput (32 x 2048-token prompts,
                1 output token) and batch-1 time per token
+  moe          Qwen3-30B-A3B arch (128 experts, top-8): one GPU, TP=2 with TP-sharded experts, TP=2 with expert
+               parallelism: batch-1 latency and 256 x 512/128 throughput, memory per GPU
 --quick shrinks every workload (a smoke run of the script itself).
 """
 from __future__ import annotations
@@ -57,6 +59,12 @@ ARCHS = {
                     "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001},
 }
 # async_scheduling off: the multiprocess executor (TP/PP) steps synchronously, so the single-GPU baselines do too
+def _bench_arch(name: str) -> dict:
+    from strata.bench.models import ARCHITECTURES
+    return dict(ARCHITECTURES[name])
+
+
+ARCHS["qwen3-30b-a3b"] = _bench_arch("qwen3-30b-a3b")  # MoE: 128 experts, top-8 (61 GB in bf16)
 ENGINE = dict(load_format="dummy", max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=8192,
               gpu_memory_utilization=0.9, dist_timeout=600.0, async_scheduling=False)
 
@@ -495,8 +503,26 @@ def case_overlap(base, args):
     return {"case": "overlap", "model": "llama-3-8b", "results": res}, []
 
 
+def case_moe(base, args):
+    """Qwen3-30B-A3B arch on 2 GPUs: experts TP-sharded (TP=2) against expert-parallel (TP=2 + EP), one GPU
+    as the baseline; batch-1 latency and a 256-request random 512/128 throughput run, memory per GPU."""
+    d = model_dir("qwen3-30b-a3b", base)
+    n, plen, olen = (32, 256, 32) if QUICK else (256, 512, 128)
+    wl = os.path.join(base, f"moe_{n}_{plen}_{olen}.json")
+    with open(wl, "w") as f:
+        json.dump([{"prompt_ids": p, "output_len": olen} for p in _prompts(n, plen, seed=5)], f)
+    res = {}
+    for name, lay in (("tp1", {}), ("tp2_experts_sharded", {"tensor_parallel_size": 2}),
+                      ("tp2_ep", {"tensor_parallel_size": 2, "enable_expert_parallel": True})):
+        res[name] = run_child({"kind": "combo", "path": d, "layout": lay, "ctx": 1024 if not QUICK else 256,
+                               "n_out": 64 if not QUICK else 16, "records_file": wl,
+                               "label": f"random{plen}/{olen}x{n}"})
+    return {"case": "moe", "model": "qwen3-30b-a3b", "results": res}, []
+
+
 CASES = {"smoke": case_smoke, "parity": case_parity, "latency8b": case_latency8b, "sharegpt": case_sharegpt,
-         "sharegpt_dp": case_sharegpt_dp, "sharegpt_mp": case_sharegpt_mp, "big70b": case_big70b, "overlap": case_overlap}
+         "sharegpt_dp": case_sharegpt_dp, "sharegpt_mp": case_sharegpt_mp, "big70b": case_big70b, "overlap": case_overlap,
+         "moe": case_moe}
 
 
 def main() -> int:
