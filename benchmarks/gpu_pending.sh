@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements still owed (see the issues' notes), as two device calls. Carry .carry/tok,
+# The GPU measurements still owed (see the issues' notes), as three device calls. Carry .carry/tok,
 # .carry/workloads and .carry/batch; write under $OUT. Each part stays under the 10-minute call limit.
 #
 #   PART=h200 bash benchmarks/gpu_pending.sh     # one H200 (or the x2 machine's first GPU)
