@@ -5,25 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.parallel_support import capture_logits as _capture_logits
 from tests.tiny_models import write_tiny_model
 from strata.config.engine import EngineArgs
 from strata.core.sampling_params import SamplingParams
 from strata.engine.llm_engine import LLMEngine
 
 ARCHS = ["llama", "llama3", "qwen2", "qwen3"]
-
-
-def _capture_logits(engine: LLMEngine) -> list[torch.Tensor]:
-    seen: list[torch.Tensor] = []
-    model = engine.runner.model
-    orig = model.compute_logits
-
-    def wrapped(h):
-        out = orig(h)
-        seen.append(out.detach().clone())
-        return out
-    model.compute_logits = wrapped
-    return seen
 
 
 @pytest.mark.parametrize("arch", ARCHS)

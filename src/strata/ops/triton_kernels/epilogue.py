@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from strata.ops.triton_kernels._utils import next_pow2
+from strata.ops.triton_kernels.rotary import cos_sin
 
 
 @triton.jit
@@ -48,10 +49,7 @@ def _qkv_epilogue_kernel(
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    j = tl.arange(0, HALF_P2)
-    jm = j < HALF
-    cos = tl.load(cs_ptr + pos * s_cs + j, mask=jm, other=0.0).to(tl.float32)
-    sin = tl.load(cs_ptr + pos * s_cs + HALF + j, mask=jm, other=0.0).to(tl.float32)
+    cos, sin = cos_sin(cs_ptr, pos, s_cs, HALF, HALF_P2)
     ty = q_out_ptr.dtype.element_ty
     row = t * s_t
 

@@ -25,15 +25,22 @@ def _rotate(src_ptr, dst_ptr, s_src, s_dst, t, cos, sin, NH, HEAD_DIM: tl.conste
 
 
 @triton.jit
+def cos_sin(cs_ptr, pos, s_cs, HALF: tl.constexpr, HALF_P2: tl.constexpr):
+    """The position's cos and sin rows ([HALF_P2] fp32 each) from a [max_pos, 2*HALF] cos|sin cache."""
+    j = tl.arange(0, HALF_P2)
+    jm = j < HALF
+    cos = tl.load(cs_ptr + pos * s_cs + j, mask=jm, other=0.0).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * s_cs + HALF + j, mask=jm, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, qo_ptr, ko_ptr, s_q, s_k, s_qo, s_ko, s_cs, NQ, NK,
                    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, NQ_P2: tl.constexpr, NK_P2: tl.constexpr,
                    HALF_P2: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    j = tl.arange(0, HALF_P2)
-    jm = j < HALF
-    cos = tl.load(cs_ptr + pos * s_cs + j, mask=jm, other=0.0).to(tl.float32)
-    sin = tl.load(cs_ptr + pos * s_cs + HALF + j, mask=jm, other=0.0).to(tl.float32)
+    cos, sin = cos_sin(cs_ptr, pos, s_cs, HALF, HALF_P2)
     _rotate(q_ptr, qo_ptr, s_q, s_qo, t, cos, sin, NQ, HEAD_DIM, HALF, NQ_P2, HALF_P2)
     _rotate(k_ptr, ko_ptr, s_k, s_ko, t, cos, sin, NK, HEAD_DIM, HALF, NK_P2, HALF_P2)
 
