@@ -44,3 +44,29 @@ def mm(a, b, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+_KERNEL_MODULES = ("activation", "cache", "decode_attention", "epilogue", "fused_moe", "norm", "prefill_attention",
+                   "rotary")
+
+
+def compiled_variants() -> dict[str, int]:
+    """Compiled variants per Triton kernel in this process (kernel name -> count, summed over devices).
+
+    Benchmarks read it before and after a timed run: a kernel that compiles during serving stalls that step by
+    the compile time (hundreds of ms), so the difference should be zero after warm-up. Empty under the
+    interpreter, which compiles nothing."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+
+    counts: dict[str, int] = {}
+    for mod in _KERNEL_MODULES:
+        m = importlib.import_module(f"strata.ops.triton_kernels.{mod}")
+        for name, fn in vars(m).items():
+            if isinstance(fn, JITFunction) and name.endswith("_kernel"):
+                caches = getattr(fn, "device_caches", None) or {}
+                n = sum(len(c[0]) for c in caches.values())
+                if n:
+                    counts[name] = n
+    return counts

@@ -38,7 +38,9 @@ def _partition_len(seq_len, num_splits, min_part, TILE: tl.constexpr):
     return tl.maximum(min_part, tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE)
 
 
-@triton.jit
+# Ints that change from step to step (split count, block-table width, partition strides) are not specialised
+# on (==1, %16): each value class would otherwise compile its own variant in the middle of serving.
+@triton.jit(do_not_specialize=["num_splits", "min_part", "s_btb", "s_lb", "s_lh"])
 def _decode_stage1_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     qk_scale,                                   # softmax scale * log2(e)
@@ -112,7 +114,7 @@ def _decode_stage1_kernel(
         tl.store(out_ptr + b * s_ob + h[:, None] * s_oh + d[None, :], o.to(out_ptr.dtype.element_ty), mask=qmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "min_part", "s_lb", "s_lh"])
 def _decode_stage2_kernel(
     part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, num_splits, min_part,
     s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,

@@ -22,7 +22,7 @@ import triton.language as tl
 from strata.ops.triton_kernels._utils import dot_precision, interpreting, mm
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # T * top_k changes every step
 def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, block_expert_ptr, total_ptr,
                      N, K, num_pairs, a_row_div,
                      s_am, s_ak, s_we, s_wn, s_wk, s_cm, s_cn,

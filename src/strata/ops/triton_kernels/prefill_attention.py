@@ -62,7 +62,9 @@ def _prefill_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, head_off, 
     return acc, m_new, l_i
 
 
-@triton.jit
+# Ints that change from step to step are not specialised on (==1, %16): each value class would otherwise
+# compile its own variant in the middle of serving.
+@triton.jit(do_not_specialize=["num_seqs", "s_btb"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
     qk_scale, num_seqs,
