@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU measurements still owed (see the issues' notes), as three device calls. Carry .carry/tok,
+# The GPU measurements still owed (see the issues' notes), as four device calls. Carry .carry/tok,
 # .carry/workloads and .carry/batch; write under $OUT. Each part stays under the 10-minute call limit.
 #
+#   PART=engine bash benchmarks/gpu_pending.sh   # one H200: strata bench throughput / latency, profile
 #   PART=h200 bash benchmarks/gpu_pending.sh     # one H200 (or the x2 machine's first GPU)
 #   PART=x2   bash benchmarks/gpu_pending.sh     # nvidia-h200-x2
 #   PART=moe  bash benchmarks/gpu_pending.sh     # nvidia-h200-x2: expert parallelism on 2 GPUs
@@ -9,10 +10,18 @@ set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src STRATA_HANG_DUMP_S=120
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-if [ "${PART:-h200}" = h200 ]; then
-  # 1. overlapped steps: greedy parity with synchronous steps (must be 16/16 before the flag can default on),
-  #    batch-1/8/64 latency, seed64 and sharegpt1000, the prefix cache emptied before every measurement
-  timeout 300 python3 benchmarks/async_gpu.py --out-json "$OUT/async_gpu.json" 2>&1 | grep -v "^\[transformers\]"
+if [ "${PART:-h200}" = engine ]; then
+  # 0. the protocol's throughput and latency runs with the transformers baseline from the same run, engine
+  #    defaults (overlapped steps on), then the profile of batch-1 decode and of prefill-heavy mixed steps
+  COMMON="--model qwen3-4b --load-format dummy --tokenizer .carry/tok --max-model-len 4096"
+  timeout 150 python3 -m strata.cli bench throughput $COMMON --dataset seed64 --workload-file .carry/workloads/seed64.json \
+    --baseline transformers --baseline-timeout 60 --output-json "$OUT/seed64.json" 2>&1 | tail -12
+  timeout 200 python3 -m strata.cli bench throughput $COMMON --dataset sharegpt1000 --workload-file .carry/workloads/sharegpt1000.json \
+    --baseline transformers --baseline-modes cb --baseline-timeout 90 --output-json "$OUT/sharegpt1000.json" 2>&1 | tail -12
+  timeout 100 python3 -m strata.cli bench latency $COMMON --input-len 1024 --output-len 128 --batch-sizes 1,8,64 \
+    --output-json "$OUT/latency.json" 2>&1 | tail -5
+  timeout 120 python3 benchmarks/profile_gpu.py --out "$OUT/prof" --skip sharegpt,seed64 2>&1 | grep "^b1\|^mixed"
+elif [ "${PART}" = h200 ]; then
   # 2. kernels, with the fused qkv epilogue against the unfused kernels it replaces
   timeout 200 python3 benchmarks/kernels.py --quick --out "$OUT/kernels.json" 2>&1 | tail -25
   # 3. the batch layer against the engine on 10,000 posts (issue 4: within 10%)
