@@ -32,12 +32,12 @@ elif [ "${PART}" = moe ]; then
   timeout 540 python3 benchmarks/parallel_gpu.py --out "$OUT" --cases moe --workloads .carry/workloads \
     2>&1 | grep -v "^\[transformers\]" | grep -v "^\[rank"
 else
-  # 4. DP=2 after the one-message dispatch, TP=2 / PP=2 sharegpt after the admission fix, TP latency with the
-  #    shared-memory control path, with and without overlapped steps
-  timeout 250 python3 benchmarks/parallel_gpu.py --out "$OUT" --cases sharegpt_dp,latency8b --workloads .carry/workloads \
-    2>&1 | grep -v "^\[transformers\]" | grep -v "^\[rank"
-  mkdir -p "$OUT/async" && timeout 120 python3 benchmarks/parallel_gpu.py --out "$OUT/async" --async-steps \
-    --cases latency8b --workloads .carry/workloads 2>&1 | grep -- "->\|done"
+  # 4. DP=2 after the one-message dispatch, with overlapped steps (the one-GPU default since 2026-11-22); TP
+  #    latency with the shared-memory control path, with overlapped steps (every engine) and without
+  timeout 260 python3 benchmarks/parallel_gpu.py --out "$OUT/async" --async-steps --cases sharegpt_dp,latency8b \
+    --workloads .carry/workloads 2>&1 | grep -v "^\[transformers\]" | grep -v "^\[rank"
+  timeout 110 python3 benchmarks/parallel_gpu.py --out "$OUT" --cases latency8b --workloads .carry/workloads \
+    2>&1 | grep -- "->\|done"
   # 5. strata batch --data-parallel-size 2 against 1 (issue 4: >= 1.9x)
   timeout 200 python3 benchmarks/batch_throughput.py dp --posts .carry/batch/sharegpt4k.jsonl --dp 2 --model qwen3-4b \
     --tokenizer .carry/tok --out-json "$OUT/batch-dp2.json" 2>&1 | grep -E "dp=|speedup|rror" | head -20
