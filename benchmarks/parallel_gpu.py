@@ -191,9 +191,13 @@ def child_parity(path, layout, dtype, n_tok, extra=None):
         ps = _prompts(8, 100)
         for i, p in enumerate(ps):
             engine.add_request(str(i), p[: 20 + 10 * i], SamplingParams(max_tokens=n_tok, temperature=0.0,
-                                                                       ignore_eos=True))
+                                                                       ignore_eos=True, logprobs=5))
         outs = _drain(engine)
-        return {"tokens": [outs[str(i)].outputs[0].token_ids for i in range(8)], "load_s": round(load_s, 1)}
+        # top-5 logprobs per output token, to measure the margin wherever two layouts' greedy tokens diverge
+        lps = [[{str(t): round(lp.logprob, 5) for t, lp in (d or {}).items()} for d in outs[str(i)].outputs[0].logprobs]
+               for i in range(8)]
+        return {"tokens": [outs[str(i)].outputs[0].token_ids for i in range(8)], "logprobs": lps,
+                "load_s": round(load_s, 1)}
     finally:
         _close(engine)
 
@@ -339,7 +343,7 @@ def run_child(spec: dict, timeout: int = 1800) -> dict:
         return {"error": f"exit {p.returncode}", "stderr_tail": err[-4000:]}
     r = json.loads(lines[-1])
     r["wall_s"] = round(time.perf_counter() - t, 1)
-    log(f"   -> {json.dumps({k: v for k, v in r.items() if k != 'tokens'})[:600]}")
+    log(f"   -> {json.dumps({k: v for k, v in r.items() if k not in ('tokens', 'logprobs')})[:600]}")
     return r
 
 
@@ -372,12 +376,28 @@ def layout_name(layout: dict) -> str:
     return f"tp{layout.get('tensor_parallel_size', 1)}_pp{layout.get('pipeline_parallel_size', 1)}"
 
 
+def divergence_margin(ref: dict, got: dict, seq: int, k: int) -> dict:
+    """At the first position where two runs' greedy tokens differ: how far apart the two tokens' logprobs were in
+    each run (a near-tie is a margin of the order of the dtype's rounding), from each run's top-5."""
+    a, b = ref["tokens"][seq][k], got["tokens"][seq][k]
+    out = {"seq": seq, "pos": k, "ref_token": a, "other_token": b}
+    for name, run in (("ref", ref), ("other", got)):
+        top = run.get("logprobs", [[]] * (seq + 1))[seq][k] if run.get("logprobs") else {}
+        la, lb = top.get(str(a)), top.get(str(b))
+        out[f"{name}_margin"] = round(abs(la - lb), 5) if la is not None and lb is not None else None
+        out[f"{name}_top1_top2_gap"] = (round(sorted(top.values())[-1] - sorted(top.values())[-2], 5)
+                                        if len(top) >= 2 else None)
+    return out
+
+
 def case_parity(base, args):
     d = checkpoint_dir("qwen3-4b", base)  # bf16 on disk; the float32 runs upcast the same weights exactly
     n_tok = 16 if QUICK else 64
     extra = {"load_format": "auto", "max_num_seqs": 16}
     res = {}
-    layouts = {"tp2": {"tensor_parallel_size": 2}, "pp2": {"pipeline_parallel_size": 2}}
+    layouts = {"tp2": {"tensor_parallel_size": 2}, "pp2": {"pipeline_parallel_size": 2},
+               # one GPU, the torch twins instead of the Triton kernels (eager: the twins are not graph-safe)
+               "torch": {"attention_backend": "torch", "enforce_eager": True}}
     for dtype in args.parity_dtypes.split(","):
         ref = run_child({"kind": "parity", "path": d, "layout": {}, "dtype": dtype, "n_tok": n_tok, "extra": extra})
         for lay in [layouts[name] for name in args.parity_layouts.split(",")]:
@@ -389,8 +409,10 @@ def case_parity(base, args):
             equal = [a == b for a, b in zip(got["tokens"], ref["tokens"])]
             first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
                      for a, b in zip(got["tokens"], ref["tokens"])]
-            res[f"{dtype}_{layout_name(lay)}"] = {"sequences_equal": sum(equal), "of": len(equal),
-                                                  "first_divergence": first}
+            name = "torch_backend" if lay.get("attention_backend") == "torch" else layout_name(lay)
+            res[f"{dtype}_{name}"] = {"sequences_equal": sum(equal), "of": len(equal), "first_divergence": first,
+                                      "margins": [divergence_margin(ref, got, i, k) for i, k in enumerate(first)
+                                                  if k is not None]}
     return {"case": "parity", "model": "qwen3-4b (random weights, safetensors)", "tokens_per_sequence": n_tok,
             "results": res}, []
 
@@ -535,7 +557,7 @@ def main() -> int:
     ap.add_argument("--async-steps", action="store_true",
                     help="--async-scheduling in every engine (PP engines still step synchronously)")
     ap.add_argument("--parity-dtypes", default="float32,bfloat16")
-    ap.add_argument("--parity-layouts", default="tp2,pp2")
+    ap.add_argument("--parity-layouts", default="tp2,pp2", help="any of tp2, pp2, torch (one GPU, torch twins)")
     ap.add_argument("--sharegpt-mp", default="tp2,pp2", help="layouts of the sharegpt_mp case")
     ap.add_argument("--smoke-timeout", type=int, default=600, help="seconds before the smoke case is killed")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: .carry/tok if present, else "
