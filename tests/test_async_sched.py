@@ -100,7 +100,7 @@ def test_flag_and_auto_resolution(model_dir):
     p = EngineArgs.add_cli_args(argparse.ArgumentParser())
     for argv, want in (([], None), (["--async-scheduling"], True), (["--no-async-scheduling"], False)):
         assert EngineArgs.from_cli_args(p.parse_args(argv)).async_scheduling is want
-    auto = make(model_dir, None)  # unset: off (opt-in until GPU parity is confirmed)
+    auto = make(model_dir, None)  # unset on CPU: off (on for GPUs, where the device work can overlap)
     assert auto.engine.config.async_scheduling is False and not auto.engine.async_scheduling
 
 

@@ -33,7 +33,7 @@ class EngineArgs:
     scheduling_policy: str = field(default="fcfs", metadata={"help": "fcfs | priority", "choices": ["fcfs", "priority"]})
     seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
     enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs"})
-    async_scheduling: bool | None = field(default=None, metadata={"help": "schedule step N+1 on the CPU while the GPU runs step N (default: on for one GPU, off on CPU and for TP/PP engines; TP engines take it when asked, PP engines step synchronously)"})
+    async_scheduling: bool | None = field(default=None, metadata={"help": "schedule step N+1 on the CPU while the GPU runs step N (default: on for GPUs, off on CPU; engines with pipeline stages step synchronously)"})
     attention_backend: str = field(default="auto", metadata={"help": "auto | torch | triton"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs (or CPU processes) per layer"})
     pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline stages"})

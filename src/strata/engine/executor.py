@@ -522,7 +522,10 @@ def _engine_config(args: EngineArgs, source, r: _Rank, served_name: str) -> Engi
                     max_num_batched_tokens=r.max_num_batched_tokens,
                     # the same auto rule as one process (it was left at 0, i.e. 1, here: no admission batching)
                     admit_batch=args.admit_batch or (max(1, args.max_num_seqs // 16) if on_gpu else 1),
-                    async_scheduling=bool(args.async_scheduling) and r.spec.pp == 1)
+                    # default (None): on for GPUs, where a 2 x H200 run gave TP=2 overlapped greedy outputs equal
+                    # to TP=1's (float32, 8/8); PP engines step synchronously
+                    async_scheduling=(on_gpu if args.async_scheduling is None else bool(args.async_scheduling))
+                    and r.spec.pp == 1)
     kw = {f.name: resolved[f.name] if f.name in resolved else getattr(args, f.name) for f in fields(EngineConfig)}
     return EngineConfig(**kw)
 

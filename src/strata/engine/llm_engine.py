@@ -394,12 +394,10 @@ def build_engine(args: EngineArgs):
         pipeline_parallel_size=args.pipeline_parallel_size, data_parallel_size=args.data_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel, check_invariants=args.check_invariants,
         disable_log_stats=args.disable_log_stats,
-        # default on for one GPU (an H200 run gave greedy outputs equal to synchronous steps, 16/16, and the
-        # faster figures: docs/BENCHMARKS.md); off on CPU, where the device work is synchronous anyway; TP and PP
-        # engines only when asked (their overlapped path has not been checked on GPUs)
-        async_scheduling=(args.async_scheduling if args.async_scheduling is not None else
-                          (device != "cpu" and args.tensor_parallel_size == 1
-                           and args.pipeline_parallel_size == 1)))
+        # default on for GPUs (H200: greedy outputs equal to synchronous steps, 16/16, and faster figures:
+        # docs/BENCHMARKS.md; TP engines: see executor._engine_config); off on CPU, where the device work is
+        # synchronous anyway. PP engines step synchronously either way.
+        async_scheduling=(args.async_scheduling if args.async_scheduling is not None else device != "cpu"))
     return cfg, model_cfg, model, tokenizer
 
 
