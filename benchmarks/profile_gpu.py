@@ -56,6 +56,7 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--model", default="qwen3-4b")
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--blas", choices=["cublas", "cublaslt"], help="torch.backends.cuda.preferred_blas_library")
     ap.add_argument("--async-scheduling", action="store_true", help="overlapped steps for every part")
     ap.add_argument("--mixed-requests", type=int, default=120)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip")
@@ -71,6 +72,8 @@ def main() -> int:
     skip = set(a.skip.split(","))
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     os.makedirs(a.out, exist_ok=True)
+    if a.blas:
+        torch.backends.cuda.preferred_blas_library(a.blas)
     t = time.perf_counter()
     llm = LLM(resolve(a.model).path, load_format="dummy", tokenizer=a.tokenizer, max_model_len=a.max_model_len)
     eng = llm.engine
@@ -82,6 +85,8 @@ def main() -> int:
                                     cwd=ROOT).stdout.strip() or "see carried snapshot",
            "command": " ".join(["python3"] + sys.argv), "load_s": round(time.perf_counter() - t, 1),
            "async_scheduling": bool(getattr(eng, "async_scheduling", False)),
+           "blas": str(torch.backends.cuda.preferred_blas_library()) if torch.cuda.is_available() else None,
+           "skinny_gemm": os.environ.get("STRATA_SKINNY_GEMM") == "1",
            "compiled_after_load": compiled_variants()}
     wl = {n: json.load(open(os.path.join(a.workloads, f"{n}.json"))) for n in ("seed64", "sharegpt1000")}
 
@@ -178,6 +183,8 @@ def main() -> int:
         log("mixed", json.dumps({k: v for k, v in out["profile_mixed"].items() if k != "top"}))
         save()
     out["compiled_at_end"] = compiled_variants()
+    from strata.ops.triton_kernels.skinny_gemm import tuned_choices
+    out["skinny_gemm_choices"] = tuned_choices()
     save()
     return 0
 

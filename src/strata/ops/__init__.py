@@ -160,3 +160,13 @@ def check_fused_qkv_epilogue(device: torch.device, dtype: torch.dtype, num_heads
                                                 "using the unfused ones", device)
         _fused_epilogue_ok = False
     return ok
+
+
+# Linear layers of few-row (decode) steps: opt-in (STRATA_SKINNY_GEMM=1) until GPU runs show it pays. Per shape,
+# the Triton skinny GEMM or cuBLAS, whichever was faster when the shape was first timed (skinny_gemm.py).
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if (x.dim() == 2 and 0 < x.shape[0] <= 16 and os.environ.get("STRATA_SKINNY_GEMM") == "1" and use_triton(x)
+            and x.stride(-1) == 1 and weight.stride(-1) == 1
+            and (x.dtype in (torch.bfloat16, torch.float16) or x.device.type != "cuda")):
+        return _tk.skinny_gemm.skinny_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)

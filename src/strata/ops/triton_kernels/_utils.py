@@ -47,7 +47,7 @@ def mm(a, b, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
 
 
 _KERNEL_MODULES = ("activation", "cache", "decode_attention", "epilogue", "fused_moe", "norm", "prefill_attention",
-                   "rotary")
+                   "rotary", "skinny_gemm")
 
 
 def compiled_variants() -> dict[str, int]:
