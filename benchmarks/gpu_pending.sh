@@ -6,6 +6,13 @@
 #   PART=h200 bash benchmarks/gpu_pending.sh     # one H200 (or the x2 machine's first GPU)
 #   PART=x2   bash benchmarks/gpu_pending.sh     # nvidia-h200-x2
 #   PART=moe  bash benchmarks/gpu_pending.sh     # nvidia-h200-x2: expert parallelism on 2 GPUs
+#
+# .carry is git-ignored; on a new checkout rebuild it first (CPU machine, after scripts/setup.sh):
+#   python3 -c "from strata.engine.tokenizer import Tokenizer; from strata.models.embedded import default_model_path; \
+#               Tokenizer.from_gguf(default_model_path()).hf.save_pretrained('.carry/tok')"
+#   mkdir -p .carry/workloads && cp ../shared/workloads/*.json .carry/workloads/
+#   python3 benchmarks/batch_throughput.py make-posts sharegpt10k --out .carry/batch/sharegpt10k.jsonl  # (and seed64)
+#   head -4000 .carry/batch/sharegpt10k.jsonl > .carry/batch/sharegpt4k.jsonl
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src STRATA_HANG_DUMP_S=120
