@@ -20,13 +20,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "${PART:-h200}" = engine ]; then
   # 0. the protocol's throughput and latency runs with the transformers baseline from the same run, engine
   #    defaults (overlapped steps on), then the profile of batch-1 decode and of prefill-heavy mixed steps
-  COMMON="--model qwen3-4b --load-format dummy --tokenizer .carry/tok --max-model-len 4096"
-  timeout 150 python3 -m strata.cli bench throughput $COMMON --dataset seed64 --workload-file .carry/workloads/seed64.json \
-    --baseline transformers --baseline-timeout 60 --output-json "$OUT/seed64.json" 2>&1 | tail -12
-  timeout 200 python3 -m strata.cli bench throughput $COMMON --dataset sharegpt1000 --workload-file .carry/workloads/sharegpt1000.json \
-    --baseline transformers --baseline-modes cb --baseline-timeout 90 --output-json "$OUT/sharegpt1000.json" 2>&1 | tail -12
-  timeout 100 python3 -m strata.cli bench latency $COMMON --input-len 1024 --output-len 128 --batch-sizes 1,8,64 \
-    --output-json "$OUT/latency.json" 2>&1 | tail -5
+  SKIP_SMOKE=1 bash benchmarks/gpu_engine_suite.sh "$OUT"
   timeout 120 python3 benchmarks/profile_gpu.py --out "$OUT/prof" --skip sharegpt,seed64 2>&1 | grep "^b1\|^mixed"
 elif [ "${PART}" = h200 ]; then
   # 2. kernels, with the fused qkv epilogue against the unfused kernels it replaces
