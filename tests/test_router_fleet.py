@@ -198,7 +198,10 @@ def test_breaker_cuts_out_500s_and_probes_back_in(fleet):
     good = [fleet.replica() for _ in range(2)]
     bad = fleet.replica(fake_args=["--mode", "error500"])
     router = fleet.router(config={"replicas": [r.url for r in (*good, bad)],
-                                  "health": {"failure_threshold": 2, "open_s": 2.0, "open_max_s": 4.0},
+                                  # a generous probe timeout: on a loaded 2-core machine a 1 s /health probe
+                                  # can time out, and the health check (not the breaker) would cut it out
+                                  "health": {"failure_threshold": 2, "open_s": 2.0, "open_max_s": 4.0,
+                                             "timeout_s": 10.0},
                                   "retry": {"backoff_base_s": 0.005, "backoff_max_s": 0.02}})
     fleet.start(*good, bad, router)
     results = run(many(router.url, [dict(prompt=p, max_tokens=3) for p in _prompts(40, "b")], concurrency=4))

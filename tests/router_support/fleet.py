@@ -36,10 +36,19 @@ needs_fake = pytest.mark.skipif(not USING_FAKE, reason="needs the fake replica's
 ROUTER_KEY = "test-router-key"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, never one this process handed out before: a test that keeps a port for a replica it
+    starts later (a "dead" replica) must not see a router bound to it meanwhile."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_http(url: str, timeout: float = 60.0, ok=(200,), proc: subprocess.Popen | None = None) -> None:
