@@ -7,9 +7,9 @@ activation rows (padded to 16, the smallest dot tile; compute is free here). Wit
 fp32 partial sums and a second kernel adds them (and the bias) and casts.
 
 Which configuration runs, or whether cuBLAS runs instead, is decided per (M bucket, N, K, dtype) on the device by
-timing each candidate once, the first time that shape is seen outside a CUDA-graph capture (the engine's
-warm-up sees every decode batch size before capturing). So this path is never slower than cuBLAS at a shape
-that was timed; the choice is logged once per shape. Twin: `torch.nn.functional.linear`.
+timing each candidate once inside a CUDA graph (see `_graph_ms`), the first time that shape is seen outside a
+capture (the engine's warm-up sees every decode batch size before capturing). So at a timed shape this path is
+never slower than cuBLAS; the choice is logged once per shape. Twin: `torch.nn.functional.linear`.
 """
 from __future__ import annotations
 
@@ -103,20 +103,58 @@ _choice: dict[tuple, tuple | None] = {}  # (M bucket, N, K, dtype, device, bias)
 _timed: dict[tuple, tuple[float, float]] = {}  # the same keys -> (best us, cuBLAS us) when timed
 
 
-def _tune(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, key: tuple) -> tuple | None:
-    from triton.testing import do_bench
+# Timing: the candidates run back to back inside one CUDA graph, as they do in a decode graph, over enough copies
+# of the weight that none is still in L2 when its turn comes (a decode step reads gigabytes between two uses of a
+# matrix). Timing isolated launches instead (triton's do_bench) measures launch overhead and an L2 flush, 15-25 us
+# where the in-graph kernels take 8-15 us, and cannot tell the candidates apart (H200, 2026-11-22).
+_STREAM_BYTES = 256 << 20
 
-    times = {None: do_bench(lambda: torch.nn.functional.linear(x, w, bias), warmup=10, rep=40)}
-    ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+
+def _graph_ms(call, x: torch.Tensor, copies: list[torch.Tensor], bias: torch.Tensor | None, rounds: int) -> float:
+    """Milliseconds per call of `call(x, w, bias)` replayed from a CUDA graph, cycling through `copies`."""
+    for w in copies:  # compile and warm outside the capture
+        call(x, w, bias)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(rounds):
+            for w in copies:
+                call(x, w, bias)
+    g.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / (rounds * len(copies)))
+    g.reset()
+    return best
+
+
+def _tune(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, key: tuple) -> tuple | None:
+    n = max(2, min(64, -(-_STREAM_BYTES // (w.numel() * w.element_size()))))
+    copies = [w] + [w.clone() for _ in range(n - 1)]
+    rounds = max(1, 48 // n)
+    linear = torch.nn.functional.linear
+    try:
+        times = {None: _graph_ms(linear, x, copies, bias, rounds)}
+    except Exception as e:  # no graph timing here: keep cuBLAS
+        log.warning("skinny_gemm: could not time M<=%d N=%d K=%d (%s); using cuBLAS", key[0], key[1], key[2], e)
+        return None
+    ref = linear(x.float(), w.float(), None if bias is None else bias.float())
     tol = 2e-2 * ref.abs().max().item() + 1e-3
     for cfg in CANDIDATES:
         try:
             got = _launch(x, w, bias, cfg)
             if (got.float() - ref).abs().max().item() > tol:  # never pick a config that computes wrong sums
                 continue
-            times[cfg] = do_bench(lambda c=cfg: _launch(x, w, bias, c), warmup=10, rep=40)
+            times[cfg] = _graph_ms(lambda a, b, c, cfg=cfg: _launch(a, b, c, cfg), x, copies, bias, rounds)
         except Exception as e:  # out of resources on this device: skip the config
             log.debug("skinny_gemm config %s failed: %s", cfg, e)
+    del copies
     best = min(times, key=times.get)
     _timed[key] = (1e3 * times[best], 1e3 * times[None])
     log.info("skinny_gemm M<=%d N=%d K=%d: %s (%.1f us; cuBLAS %.1f us)", key[0], key[1], key[2],
