@@ -41,30 +41,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
-ARCHS = {
-    "qwen3-4b": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
-                 "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
-                 "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True, "rope_theta": 1000000.0,
-                 "rms_norm_eps": 1e-6, "max_position_embeddings": 40960, "torch_dtype": "bfloat16",
-                 "bos_token_id": 151643, "eos_token_id": 151645},
-    "llama-3-8b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
-                   "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                   "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0,
-                   "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "tie_word_embeddings": False,
-                   "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001},
-    "llama-3-70b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
-                    "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-                    "num_attention_heads": 64, "num_key_value_heads": 8, "rope_theta": 500000.0,
-                    "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "tie_word_embeddings": False,
-                    "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001},
-}
-# async_scheduling off: the multiprocess executor (TP/PP) steps synchronously, so the single-GPU baselines do too
-def _bench_arch(name: str) -> dict:
+
+def _arch(name: str) -> dict:
+    """The architecture's HF config (`strata bench`'s table: qwen3-4b, llama-3-8b, llama-3-70b, qwen3-30b-a3b)."""
     from strata.bench.models import ARCHITECTURES
     return dict(ARCHITECTURES[name])
 
 
-ARCHS["qwen3-30b-a3b"] = _bench_arch("qwen3-30b-a3b")  # MoE: 128 experts, top-8 (61 GB in bf16)
+# async_scheduling off: the multiprocess executor (TP/PP) steps synchronously, so the single-GPU baselines do too
 ENGINE = dict(load_format="dummy", max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=8192,
               gpu_memory_utilization=0.9, dist_timeout=600.0, async_scheduling=False)
 
@@ -82,7 +66,7 @@ def model_dir(arch: str, base: str) -> str:
     d = os.path.join(base, arch)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump({**ARCHS[arch], **(TINY if DRY else {})}, f)
+        json.dump({**_arch(arch), **(TINY if DRY else {})}, f)
     return d
 
 
@@ -96,7 +80,7 @@ def checkpoint_dir(arch: str, base: str, dtype: str = "bfloat16") -> str:
     import transformers as tf
     from safetensors.torch import save_file
     os.makedirs(d, exist_ok=True)
-    cfg_dict = {**ARCHS[arch], **(TINY if DRY else {}), "torch_dtype": dtype}
+    cfg_dict = {**_arch(arch), **(TINY if DRY else {}), "torch_dtype": dtype}
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg_dict, f)
     cfg = tf.AutoConfig.from_pretrained(d)
