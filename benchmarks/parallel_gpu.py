@@ -70,17 +70,19 @@ def model_dir(arch: str, base: str) -> str:
     return d
 
 
-def checkpoint_dir(arch: str, base: str, dtype: str = "bfloat16") -> str:
-    """A real safetensors checkpoint of `arch` with random weights (written once per run). Parity runs need
-    it: `--load-format dummy` draws each rank's shard on its own, so TP=2's weights would not be TP=1's."""
+def checkpoint_dir(arch: str, base: str, dtype: str = "bfloat16", overrides: dict | None = None) -> str:
+    """A real safetensors checkpoint of `arch` (with config `overrides`, e.g. fewer layers) with random weights,
+    written once per run. Parity runs need it: `--load-format dummy` draws each rank's shard on its own, so
+    TP=2's weights would not be TP=1's."""
     import torch
-    d = os.path.join(base, f"{arch}-ckpt-{dtype}")
+    tag = "".join(f"-{k}{v}" for k, v in sorted((overrides or {}).items()))
+    d = os.path.join(base, f"{arch}{tag}-ckpt-{dtype}")
     if os.path.isfile(os.path.join(d, "model.safetensors.index.json")):
         return d
     import transformers as tf
     from safetensors.torch import save_file
     os.makedirs(d, exist_ok=True)
-    cfg_dict = {**_arch(arch), **(TINY if DRY else {}), "torch_dtype": dtype}
+    cfg_dict = {**_arch(arch), **(overrides or {}), **(TINY if DRY else {}), "torch_dtype": dtype}
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg_dict, f)
     cfg = tf.AutoConfig.from_pretrained(d)

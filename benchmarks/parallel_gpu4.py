@@ -1,0 +1,180 @@
+"""Four-GPU runs (4 x H200, one host): TP=4, TP=2 x PP=2, EP=4 and DP=4.
+
+    python benchmarks/parallel_gpu4.py --out results_dir [--workloads DIR] [--cases parity4,big70b4,...]
+                                       [--async-steps] [--quick | --dry-run]
+
+The machinery (fresh child process per run, dummy bf16 weights of the real architecture, EOS ignored) is
+benchmarks/parallel_gpu.py's; this file only adds the four-GPU layouts.
+
+Cases (each writes <out>/parallel_gpu4-<case>.json; all runs also go to <out>/parallel_gpu4.json):
+  parity4   greedy tokens of TP=4 and TP=2 x PP=2 against TP=1 on a random safetensors checkpoint of the
+            Llama-3-70B widths (64 heads, 8 KV heads, 28,672 intermediate) cut to 4 layers, so that TP=1 fits
+            one GPU and every layout loads the same weights (dummy weights are drawn per rank); 8 prompts x 32
+            tokens, --parity-dtypes (float32 is the exactness check)
+  big70b4   Llama-3-70B arch: TP=4 and TP=2 x PP=2, each one engine: batch-1 latency (1024-token prompt, 64
+            tokens), then sharegpt1000 throughput; memory per GPU
+  moe4      Qwen3-30B-A3B arch (128 experts, top-8): one GPU, TP=2, TP=2 + EP, TP=4, TP=4 + EP (EP=4 against
+            TP-sharded experts): batch-1 latency and 256 x 512/128 throughput, memory per GPU (--moe-layouts)
+  dp4       reference model, sharegpt1000: DP=1 against DP=4 (target >= 3.7x)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import parallel_gpu as pg  # noqa: E402
+
+TP4 = {"tensor_parallel_size": 4}
+TP2PP2 = {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}
+
+
+def _compare(ref: dict, got: dict) -> dict:
+    if "tokens" not in got or "tokens" not in ref:
+        return {"error": got.get("error") or ref.get("error")}
+    first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+             for a, b in zip(got["tokens"], ref["tokens"])]
+    return {"sequences_equal": sum(k is None for k in first), "of": len(first), "first_divergence": first,
+            "margins": [pg.divergence_margin(ref, got, i, k) for i, k in enumerate(first) if k is not None]}
+
+
+def case_parity4(base, args):
+    layers = 2 if pg.DRY else 4
+    d = pg.checkpoint_dir("llama-3-70b", base, overrides={"num_hidden_layers": layers})
+    n_tok = 16 if pg.QUICK else 32
+    extra = {"load_format": "auto", "max_num_seqs": 16}
+    res = {}
+    for dtype in args.parity_dtypes.split(","):
+        runs = {name: pg.run_child({"kind": "parity", "path": d, "layout": lay, "dtype": dtype, "n_tok": n_tok,
+                                    "extra": extra})
+                for name, lay in (("tp1", {}), ("tp4", TP4), ("tp2_pp2", TP2PP2))}
+        res[f"{dtype}_tp4_vs_tp1"] = _compare(runs["tp1"], runs["tp4"])
+        res[f"{dtype}_tp2_pp2_vs_tp1"] = _compare(runs["tp1"], runs["tp2_pp2"])
+        res[f"{dtype}_tp2_pp2_vs_tp4"] = _compare(runs["tp4"], runs["tp2_pp2"])
+        res[f"{dtype}_load_s"] = {k: r.get("load_s") for k, r in runs.items()}
+    return {"case": "parity4", "model": f"llama-3-70b widths, {layers} layers (random weights, safetensors)",
+            "tokens_per_sequence": n_tok, "results": res}, []
+
+
+def _sharegpt_spec(args) -> dict | None:
+    wdir = pg.find_workloads(args.workloads)
+    if wdir is None:
+        return None
+    spec = {"records_file": os.path.join(wdir, "sharegpt1000.json"), "label": "sharegpt1000"}
+    if pg.QUICK:
+        spec["limit"] = 16 if pg.DRY else 100
+    return spec
+
+
+def _runs(model, lay, r, workload, dp=1) -> list[dict]:
+    common = {"model": model, "tp": lay.get("tensor_parallel_size", 1), "pp": lay.get("pipeline_parallel_size", 1),
+              "dp": dp, "ep": bool(lay.get("enable_expert_parallel"))}
+    lat, thr, out = r.get("latency", {}), r.get("throughput", r), []
+    if "tpot_ms" in lat:
+        out.append({**common, "workload": "random", "prompt_len": lat["context"], "output_len": lat["output"],
+                    "concurrency": 1, "tpot_ms": lat["tpot_ms"], "ttft_ms": lat["ttft_ms"]})
+    if "output_tok_s" in thr:
+        out.append({**common, "workload": workload, "output_tok_s": thr["output_tok_s"]})
+    return out
+
+
+def case_big70b4(base, args):
+    d = pg.model_dir("llama-3-70b", base)
+    spec = _sharegpt_spec(args)
+    if spec is None:
+        return {"case": "big70b4", "error": "sharegpt1000.json not found (pass --workloads DIR)"}, []
+    ctx, n_out = (256, 16) if pg.QUICK else (1024, 64)
+    res, runs = {}, []
+    for name, lay in (("tp4", TP4), ("tp2_pp2", TP2PP2)):
+        r = pg.run_child({"kind": "combo", "path": d, "layout": lay, "ctx": ctx, "n_out": n_out, **spec})
+        res[name] = r
+        runs += _runs("llama-3-70b", lay, r, "sharegpt1000")
+    return {"case": "big70b4", "model": "llama-3-70b", "results": res}, runs
+
+
+MOE_LAYOUTS = {"tp1": {}, "tp2": {"tensor_parallel_size": 2},
+               "tp2_ep": {"tensor_parallel_size": 2, "enable_expert_parallel": True},
+               "tp4": TP4, "tp4_ep": {**TP4, "enable_expert_parallel": True}}
+
+
+def case_moe4(base, args):
+    d = pg.model_dir("qwen3-30b-a3b", base)
+    n, plen, olen = (32, 256, 32) if pg.QUICK else (256, 512, 128)
+    wl = os.path.join(base, f"moe_{n}_{plen}_{olen}.json")
+    with open(wl, "w") as f:
+        json.dump([{"prompt_ids": p, "output_len": olen} for p in pg._prompts(n, plen, seed=5)], f)
+    res, runs = {}, []
+    for name in args.moe_layouts.split(","):
+        lay = MOE_LAYOUTS[name]
+        r = pg.run_child({"kind": "combo", "path": d, "layout": lay, "ctx": 256 if pg.QUICK else 1024,
+                          "n_out": 16 if pg.QUICK else 64, "records_file": wl, "label": f"random{plen}/{olen}x{n}"})
+        res[name] = r
+        runs += _runs("qwen3-30b-a3b", lay, r, f"random{plen}/{olen}x{n}")
+    return {"case": "moe4", "model": "qwen3-30b-a3b", "results": res}, runs
+
+
+def case_dp4(base, args):
+    d = pg.model_dir("qwen3-4b", base)
+    spec = _sharegpt_spec(args)
+    if spec is None:
+        return {"case": "dp4", "error": "sharegpt1000.json not found (pass --workloads DIR)"}, []
+    res, runs = {}, []
+    for n in (1, 4):
+        r = pg.run_child({"kind": "throughput", "path": d, "layout": {}, "dp": n, **spec})
+        res[f"dp{n}"] = r
+        runs += _runs("qwen3-4b", {}, r, "sharegpt1000", dp=n)
+    if "output_tok_s" in res["dp1"] and "output_tok_s" in res["dp4"]:
+        res["dp4_over_dp1"] = round(res["dp4"]["output_tok_s"] / res["dp1"]["output_tok_s"], 3)
+        res["target_met"] = res["dp4_over_dp1"] >= 3.7
+    return {"case": "dp4", "model": "qwen3-4b", "results": res}, runs
+
+
+CASES = {"parity4": case_parity4, "big70b4": case_big70b4, "moe4": case_moe4, "dp4": case_dp4}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--workloads", default=None, help="directory holding sharegpt1000.json")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {','.join(CASES)}")
+    ap.add_argument("--quick", action="store_true", help="small workloads: a smoke run of this script")
+    ap.add_argument("--async-steps", action="store_true", help="--async-scheduling in every engine (the GPU "
+                    "default; PP engines still step synchronously)")
+    ap.add_argument("--parity-dtypes", default="float32")
+    ap.add_argument("--moe-layouts", default="tp1,tp2,tp2_ep,tp4,tp4_ep", help=f"of {','.join(MOE_LAYOUTS)}")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--dry-run", action="store_true", help="run the script on CPU with tiny models (no figures)")
+    args = ap.parse_args()
+    import torch
+    pg.DRY = args.dry_run
+    pg.ASYNC = args.async_steps
+    pg.QUICK = args.quick or pg.DRY
+    pg.TOKENIZER = args.tokenizer or (os.path.join(pg.ROOT, ".carry", "tok")
+                                      if os.path.isdir(os.path.join(pg.ROOT, ".carry", "tok")) else None)
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "gpus": torch.cuda.device_count(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "tree_commit": os.environ.get("TREE_COMMIT"),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "quick": pg.QUICK,
+            "async_steps": pg.ASYNC}
+    base = tempfile.mkdtemp(prefix="strata-parallel-gpu4-")
+    all_runs = []
+    for name in [c.strip() for c in args.cases.split(",") if c.strip()]:
+        t = time.perf_counter()
+        result, runs = CASES[name](base, args)
+        result.update(meta, case_seconds=round(time.perf_counter() - t, 1))
+        with open(os.path.join(args.out, f"parallel_gpu4-{name}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        all_runs += [{**meta, **r} for r in runs]
+        with open(os.path.join(args.out, "parallel_gpu4.json"), "w") as f:
+            json.dump({"runs": all_runs}, f, indent=1)
+        pg.log(f"== {name} done in {result['case_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
