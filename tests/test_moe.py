@@ -2,8 +2,8 @@
 
 - Qwen3MoeForCausalLM (with a dense `mlp_only_layers` layer) and MixtralForCausalLM: logits equal transformers'
   on tiny random checkpoints, through chunked prefill and decode (float32).
-- Expert parallel (EP=2, experts whole on each rank, all-to-all dispatch/combine) and TP-sharded experts (TP=2)
-  equal the single-process engine.
+- Expert parallel (EP=2, experts whole on each rank; partial outputs all-reduced, or all-to-all dispatch and
+  combine) and TP-sharded experts (TP=2) equal the single-process engine.
 - The Triton grouped GEMM equals its torch twin (strata.ops.moe_ref) under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
@@ -56,7 +56,8 @@ def test_moe_logits_match_transformers(which, request):
 
 
 @pytest.mark.parametrize("which,kw", [
-    ("qwen3_moe", dict(tensor_parallel_size=2, enable_expert_parallel=True)),
+    ("qwen3_moe", dict(tensor_parallel_size=2, enable_expert_parallel=True)),  # all-reduce of partial outputs
+    ("qwen3_moe", dict(tensor_parallel_size=2, enable_expert_parallel=True, expert_parallel_dispatch="all_to_all")),
     ("mixtral", dict(tensor_parallel_size=2)),
 ])
 def test_parallel_experts_match_single_process(which, kw, request):
@@ -72,6 +73,7 @@ def test_parallel_experts_match_single_process(which, kw, request):
     torch.testing.assert_close(logits, ref_logits, **TOL)
     if kw.get("enable_expert_parallel"):  # each rank holds half of the experts, whole
         assert engine.runner.model.layers["0"].experts.w13.shape[0] == 4
+        assert engine.runner.model.layers["0"].experts.dispatch == kw.get("expert_parallel_dispatch", "all_reduce")
     else:  # each rank holds every expert, half of each
         assert engine.runner.model.layers["0"].experts.w13.shape == (4, 32, 64)
     assert mem[0]["weights_bytes"] == mem[1]["weights_bytes"]

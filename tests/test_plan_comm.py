@@ -75,9 +75,10 @@ def _plan(path, layout):
 
 def test_tp2_pp2_ep2_bytes_match_plan(moe_dir):
     tp, pp = 2, 2
-    arch, plan = _plan(moe_dir, Layout(tp=2, pp=2, dp=1, ep=2))
+    arch, plan = _plan(moe_dir, Layout(tp=2, pp=2, dp=1, ep=2, ep_dispatch="all_to_all"))
     prefill, decode = _measure(moe_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                               enable_expert_parallel=True, pp_layer_partition="2,1")
+                               enable_expert_parallel=True, expert_parallel_dispatch="all_to_all",
+                               pp_layer_partition="2,1")
     d = arch.hidden * 4
     for stats, tokens in ((decode, 1), (prefill, N)):
         assert _once_per_stage(stats, "tp.all_reduce", tp, pp, "calls") == plan.tp_allreduce_calls == 5  # 3 attention, 1 dense MLP, embedding

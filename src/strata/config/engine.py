@@ -39,6 +39,7 @@ class EngineArgs:
     pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline stages"})
     data_parallel_size: int = field(default=1, metadata={"help": "independent replicas"})
     enable_expert_parallel: bool = field(default=False, metadata={"help": "place MoE experts whole on EP ranks"})
+    expert_parallel_dispatch: str = field(default="all_reduce", metadata={"help": "with --enable-expert-parallel: all_reduce (every rank runs its own experts on all of the step's tokens, one all-reduce per MoE layer; CUDA graphs) | all_to_all (tokens sent to the experts' ranks and back; eager)", "choices": ["all_reduce", "all_to_all"]})
     pp_layer_partition: str | None = field(default=None, metadata={"help": "layers per pipeline stage, e.g. '10,14' (default: even split)"})
     nnodes: int = field(default=1, metadata={"help": "nodes one model replica spans (run the same command on each)"})
     node_rank: int = field(default=0, metadata={"help": "this node's index, 0..nnodes-1 (node 0 runs the engine)"})

@@ -167,7 +167,8 @@ def _init_rank(args: EngineArgs, spec: ParallelSpec, rank: int, source, model_cf
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     ps.init_parallel(tensor_parallel_size=spec.tp, pipeline_parallel_size=spec.pp, rank=rank,
                      world_size=spec.world_size, backend=spec.backend, init_method=spec.init_method,
-                     timeout_s=spec.timeout_s, enable_expert_parallel=spec.enable_expert_parallel)
+                     timeout_s=spec.timeout_s, enable_expert_parallel=spec.enable_expert_parallel,
+                     ep_dispatch=spec.ep_dispatch)
     if spec.pp_layer_partition:
         model_cfg.pp_layer_partition = list(spec.pp_layer_partition)
     device = spec.device_of(rank)
@@ -196,8 +197,9 @@ def _init_rank(args: EngineArgs, spec: ParallelSpec, rank: int, source, model_cf
                         hidden_size=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size, driver_rank=0,
                         last_stage_rank=spec.last_stage_driver_rank, max_num_seqs=args.max_num_seqs,
                         max_model_len=mml,
-                        # EP dispatch sizes its all-to-all from the routing on the host: not capturable
+                        # all-to-all EP dispatch sizes its messages from the routing on the host: not capturable
                         enforce_eager=args.enforce_eager or (spec.enable_expert_parallel and
+                                                             spec.ep_dispatch == "all_to_all" and
                                                              bool(model_cfg.num_experts)))
     stage.allocate_kv_cache(nb)
     r = _Rank(spec, rank, model_cfg, model, stage, torch.device(device), dtype, nb, mml, mnbt)

@@ -6,12 +6,21 @@ Two placements (chosen by `--enable-expert-parallel`, read from the parallel sta
                         (its 1/TP of gate and of up), w2 by input columns. Each rank computes partial sums for
                         all of the step's tokens; one all-reduce over TP, like a dense MLP.
   expert-parallel       rank r of the EP group (= the TP group) holds experts [r*E/EP, (r+1)*E/EP) whole.
-                        The step's tokens are replicated on the TP ranks after attention, so each rank takes
+                        The step's tokens are replicated on the TP ranks after attention. Two ways to use that
+                        (--expert-parallel-dispatch):
+    all_reduce (default)  every rank runs its own experts on the (token, choice) pairs routed to them, for all
+                        of the step's tokens (other pairs are skipped by the kernel), and one all-reduce over
+                        the group sums the partial outputs: T x H per rank on the wire, like a dense TP MLP,
+                        static shapes, so decode steps run as CUDA graphs.
+    all_to_all          each rank takes
                         its contiguous 1/EP slice of them, sends each (token, choice) row to the rank owning the
                         expert (all-to-all dispatch), runs its experts on what it received, sends the results
                         back (all-to-all combine), weights and sums them, and the slices are all-gathered so
                         every rank again holds every token. No all-reduce; only rows whose expert lives on
-                        another rank leave a rank ((EP-1)/EP of them with uniform routing).
+                        another rank leave a rank ((EP-1)/EP of them with uniform routing). With tokens
+                        replicated this moves top_k times the all-reduce's bytes per direction, and the
+                        message sizes come from the routing on the host, so steps run eagerly; it is the
+                        layout for when attention is not replicated (not built: DP attention).
 
 The expert math is `strata.ops.moe_ref.fused_moe` (torch twin) or the Triton grouped GEMM on CUDA
 (`strata.ops.triton_kernels.fused_moe`), dispatched like the other ops.
@@ -52,6 +61,7 @@ class FusedMoE(nn.Module):
         self.renormalize = renormalize
         self.ep = ps.ep()
         self.tp = ps.tp()
+        self.dispatch = ps.ep_dispatch() if self.ep.size > 1 else "none"
         if self.ep.size > 1:
             if num_experts % self.ep.size:
                 raise ValueError(f"{num_experts} experts do not split over {self.ep.size} expert-parallel ranks")
@@ -109,6 +119,11 @@ class FusedMoE(nn.Module):
         if self.ep.size == 1:
             out = fused_moe(hidden, self.w13, self.w2, w, ids)
             return ps.all_reduce(out, self.tp)
+        if self.dispatch == "all_reduce":
+            # this rank's experts only: ids of other ranks' experts fall outside [0, E_local) and are skipped
+            local = ids - self.expert_start
+            local = torch.where((local >= 0) & (local < self.local_experts), local, -1)
+            return ps.all_reduce(fused_moe(hidden, self.w13, self.w2, w, local), self.tp)  # same ranks as ep
         return self._forward_ep(hidden, w, ids)
 
     def _forward_ep(self, hidden: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ class ParallelSpec:
     backend: str  # "gloo" | "nccl"
     timeout_s: float
     tp_comm_overlap: bool
+    ep_dispatch: str = "all_reduce"  # --expert-parallel-dispatch
 
     @property
     def init_method(self) -> str:
@@ -208,12 +209,17 @@ def resolve_spec(args, cfg: ModelConfig) -> ParallelSpec:
         need = per_node
         if n < need:
             raise ParameterError("tensor_parallel_size", f"{need} ranks on this node need {need} GPUs; {n} visible")
+    dispatch = getattr(args, "expert_parallel_dispatch", "all_reduce")
+    if dispatch not in ("all_reduce", "all_to_all"):
+        raise ParameterError("expert_parallel_dispatch", f"--expert-parallel-dispatch must be all_reduce or "
+                                                         f"all_to_all, not {dispatch!r}")
     return ParallelSpec(tp=tp, pp=pp, enable_expert_parallel=bool(args.enable_expert_parallel),
                         pp_layer_partition=partition, launcher=launcher, world_size=world, nnodes=nnodes,
                         node_rank=node_rank, ranks_per_node=per_node, rank=rank, local_rank=local,
                         master_addr=str(addr), master_port=int(port), device_type=device_type,
                         backend="nccl" if device_type == "cuda" else "gloo", timeout_s=float(args.dist_timeout),
-                        tp_comm_overlap=bool(args.tp_comm_overlap))
+                        tp_comm_overlap=bool(args.tp_comm_overlap),
+                        ep_dispatch=dispatch)
 
 
 def free_port(addr: str = "127.0.0.1") -> int:

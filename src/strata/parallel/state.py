@@ -81,6 +81,14 @@ def ep() -> GroupInfo:
     return get_group("ep")
 
 
+_ep_dispatch = "all_reduce"
+
+
+def ep_dispatch() -> str:
+    """How expert-parallel MoE layers exchange tokens: "all_reduce" or "all_to_all" (--expert-parallel-dispatch)."""
+    return _ep_dispatch
+
+
 def world() -> GroupInfo:
     return get_group("world")
 
@@ -94,9 +102,13 @@ CTRL_TIMEOUT_S = 365 * 24 * 3600.0  # idle engines wait on the control group; de
 
 def init_parallel(*, tensor_parallel_size: int, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
                   rank: int, world_size: int, backend: str, init_method: str,
-                  timeout_s: float = 120.0, enable_expert_parallel: bool = False) -> None:
+                  timeout_s: float = 120.0, enable_expert_parallel: bool = False,
+                  ep_dispatch: str = "all_reduce") -> None:
     """Create the default group and the named TP / PP / DP / EP / world / ctrl groups for this process."""
-    global _initialized
+    global _initialized, _ep_dispatch
+    if ep_dispatch not in ("all_reduce", "all_to_all"):
+        raise ValueError(f"expert_parallel_dispatch must be all_reduce or all_to_all, not {ep_dispatch!r}")
+    _ep_dispatch = ep_dispatch
     expected = tensor_parallel_size * pipeline_parallel_size * data_parallel_size
     if world_size != expected:
         raise ValueError(f"world size {world_size} does not match the mesh: data_parallel_size "

@@ -37,6 +37,15 @@ class Layout:
     pp: int = 1
     dp: int = 1
     ep: int = 1
+    # How EP = TP layers exchange tokens (--expert-parallel-dispatch): the engine's default all-reduces each MoE
+    # layer's partial outputs (tokens are replicated over TP); "all_to_all" dispatches and combines.
+    ep_dispatch: str = "all_reduce"
+
+    @property
+    def a2a(self) -> bool:
+        """Expert parallelism over all-to-all dispatch and combine: always when EP spans DP replicas (their
+        tokens differ), by choice when EP = TP; otherwise MoE layers all-reduce like dense ones."""
+        return self.ep > 1 and (self.ep > self.tp or self.ep_dispatch == "all_to_all")
 
     @property
     def gpus(self) -> int:
@@ -49,7 +58,8 @@ class Layout:
     @property
     def label(self) -> str:
         s = f"TP{self.tp} PP{self.pp} DP{self.dp}"
-        return s + (f" EP{self.ep}" if self.ep > 1 else "")
+        chosen_a2a = self.ep_dispatch == "all_to_all" and self.ep <= self.tp  # (EP over DP is always all-to-all)
+        return s + (f" EP{self.ep}" + (" a2a" if chosen_a2a else "") if self.ep > 1 else "")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -112,7 +112,9 @@ def render_detail(e: Estimate, plan: Plan) -> list[str]:
                    + (f"; expert outputs all-gather {fmt_bytes(c.tp_allgather_bytes)}" if c.tp_allgather_bytes else ""))
     if lay.pp > 1:
         out.append(f"  per token, PP   {c.pp_hops} hops x {fmt_bytes(c.pp_bytes / c.pp_hops)} = {fmt_bytes(c.pp_bytes)}")
-    if lay.ep > 1:
+    if lay.ep > 1 and not lay.a2a:
+        out.append("  per token, EP   experts whole on each rank; MoE layers all-reduce their outputs over TP")
+    if lay.a2a:
         out.append(f"  per token, EP   {c.ep_alltoall_calls} all-to-alls (dispatch + combine), "
                    f"{fmt_bytes(c.ep_alltoall_bytes)} leave their GPU")
     if lay.tp == 1 and lay.pp == 1 and lay.ep == 1:

@@ -45,7 +45,7 @@ class CommPerToken:
 def tp_allreduce_calls(arch: Arch, layout: Layout, layers: int, dense: int, moe: int, first: bool) -> int:
     if layout.tp == 1:
         return 0
-    return layers + dense + (moe if layout.ep == 1 else 0) + (1 if first else 0)
+    return layers + dense + (0 if layout.a2a else moe) + (1 if first else 0)
 
 
 def comm_per_token(setup: Setup, layout: Layout) -> CommPerToken:
@@ -57,11 +57,11 @@ def comm_per_token(setup: Setup, layout: Layout) -> CommPerToken:
     c.tp_allreduce_wire_per_gpu = c.tp_allreduce_bytes * 2 * (tp - 1) / tp
     if tp > 1:
         c.tp_logits_gather_bytes = a.vocab * ACT_BYTES
-        if ep > 1:
+        if layout.a2a:
             c.tp_allgather_bytes = a.moe_layers * d
     c.pp_hops = layout.pp - 1
     c.pp_bytes = c.pp_hops * d * setup.constants.pp_activation_tensors
-    if ep > 1:
+    if layout.a2a:
         c.ep_alltoall_calls = 2 * a.moe_layers
         c.ep_alltoall_bytes = 2 * a.moe_layers * a.experts_per_token * d * (ep - 1) / ep
     return c
@@ -149,7 +149,7 @@ class Timer:
             * self.allreduce(msg, tp)
         if st.last and tp > 1:
             t += self.allgather(sampled * a.vocab * ACT_BYTES, tp)
-        if ep > 1 and st.moe_layers:
+        if self.l.a2a and st.moe_layers:
             send = tokens / tp * a.experts_per_token * a.hidden * ACT_BYTES * (ep - 1) / ep
             t += 2 * st.moe_layers * self.alltoall(send, self.ep_link)
             t += st.moe_layers * self.allgather(msg, tp)

@@ -2,7 +2,7 @@
 
     x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_ids [T, k] -> [T, H]
 
-1. Align (torch, on the device, no host sync): the T*k (token, choice) pairs are sorted by expert and each
+1. Align (torch, on the device, static shapes, no host sync: capturable in a CUDA graph): the T*k (token, choice) pairs are sorted by expert and each
    expert's run is padded to a multiple of BLOCK_M with a sentinel, so every BLOCK_M-row block belongs to one
    expert (`block_expert`). The grid is sized by an upper bound (ceil(T*k / BLOCK_M) + E blocks); blocks past
    the padded total return at once.
@@ -57,25 +57,31 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, block_expert_p
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """(sorted pair ids [max_blocks * block_m], expert of each block [max_blocks], padded total [1], max_blocks)."""
+    """(sorted pair ids [max_blocks * block_m], expert of each block [max_blocks], padded total [1], max_blocks).
+
+    Static shapes and no host synchronisation (no bincount, no boolean indexing), so that it can be captured in
+    a CUDA graph: invalid pairs sort last and are scattered into a spare slot that is cut off."""
     flat = topk_ids.reshape(-1).long()
     P = flat.numel()
     E = num_experts
-    key = torch.where((flat >= 0) & (flat < E), flat, E)
-    counts = torch.bincount(key, minlength=E + 1)[:E]
+    dev = flat.device
+    key = torch.where((flat >= 0) & (flat < E), flat, E)  # E = "no expert"
+    counts_all = torch.zeros(E + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    counts = counts_all[:E]
     padded = (counts + block_m - 1) // block_m * block_m
     ends_pad = torch.cumsum(padded, 0)
-    starts_pad = ends_pad - padded
-    starts = torch.cumsum(counts, 0) - counts
+    starts_pad = torch.cat([ends_pad.new_zeros(1), ends_pad[:-1]])
+    starts = torch.cumsum(counts_all, 0) - counts_all  # first sorted position of each key
     order = torch.argsort(key, stable=True)
-    sorted_e = key[order]
-    valid = sorted_e < E
-    ev = sorted_e[valid]
+    sorted_e = key[order]  # [P], ascending
+    rank_in_e = torch.arange(P, device=dev) - starts[sorted_e]
     max_blocks = triton.cdiv(P, block_m) + E
-    sorted_ids = torch.full((max_blocks * block_m,), P, dtype=torch.int32, device=flat.device)
-    rank_in_e = torch.arange(P, device=flat.device)[valid] - starts[ev]
-    sorted_ids[starts_pad[ev] + rank_in_e] = order[valid].to(torch.int32)
-    block_starts = torch.arange(max_blocks, device=flat.device) * block_m
+    spare = max_blocks * block_m  # invalid pairs land here
+    dest = torch.where(sorted_e < E, starts_pad[sorted_e.clamp(max=E - 1)] + rank_in_e, spare)
+    sorted_ids = torch.full((spare + 1,), P, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    sorted_ids = sorted_ids[:spare]
+    block_starts = torch.arange(max_blocks, device=dev) * block_m
     block_expert = torch.searchsorted(ends_pad, block_starts, right=True).clamp_(max=E - 1).to(torch.int32)
     total = ends_pad[-1:].to(torch.int32)
     return sorted_ids, block_expert, total, max_blocks
