@@ -60,6 +60,26 @@ def case_parity4(base, args):
             "tokens_per_sequence": n_tok, "results": res}, []
 
 
+def case_moe_parity(base, args):
+    """Greedy tokens of the MoE layouts (TP-sharded experts, EP with each dispatch) against one GPU, on a random
+    checkpoint of the Qwen3-30B-A3B widths (128 experts, top-8) cut to 4 layers; CUDA graphs on."""
+    layers = 2 if pg.DRY else 4
+    d = pg.checkpoint_dir("qwen3-30b-a3b", base, overrides={"num_hidden_layers": layers})
+    n_tok = 16 if pg.QUICK else 32
+    extra = {"load_format": "auto", "max_num_seqs": 16}
+    res = {}
+    for dtype in args.parity_dtypes.split(","):
+        ref = pg.run_child({"kind": "parity", "path": d, "layout": {}, "dtype": dtype, "n_tok": n_tok, "extra": extra})
+        for name in ("tp2_ep", "tp4", "tp4_ep", "tp4_ep_a2a"):
+            lay = dict(MOE_LAYOUTS[name])
+            got = pg.run_child({"kind": "parity", "path": d, "layout": lay, "dtype": dtype, "n_tok": n_tok,
+                                "extra": extra})
+            res[f"{dtype}_{name}_vs_tp1"] = _compare(ref, got)
+            pg.log(f"   {dtype} {name} vs tp1: {json.dumps(res[f'{dtype}_{name}_vs_tp1'])[:300]}")
+    return {"case": "moe_parity", "model": f"qwen3-30b-a3b widths, {layers} layers (random weights, safetensors)",
+            "tokens_per_sequence": n_tok, "results": res}, []
+
+
 def _sharegpt_spec(args) -> dict | None:
     wdir = pg.find_workloads(args.workloads)
     if wdir is None:
@@ -98,7 +118,8 @@ def case_big70b4(base, args):
 
 MOE_LAYOUTS = {"tp1": {}, "tp2": {"tensor_parallel_size": 2},
                "tp2_ep": {"tensor_parallel_size": 2, "enable_expert_parallel": True},
-               "tp4": TP4, "tp4_ep": {**TP4, "enable_expert_parallel": True}}
+               "tp4": TP4, "tp4_ep": {**TP4, "enable_expert_parallel": True},
+               "tp4_ep_a2a": {**TP4, "enable_expert_parallel": True, "expert_parallel_dispatch": "all_to_all"}}
 
 
 def case_moe4(base, args):
@@ -133,7 +154,8 @@ def case_dp4(base, args):
     return {"case": "dp4", "model": "qwen3-4b", "results": res}, runs
 
 
-CASES = {"parity4": case_parity4, "big70b4": case_big70b4, "moe4": case_moe4, "dp4": case_dp4}
+CASES = {"parity4": case_parity4, "big70b4": case_big70b4, "moe4": case_moe4, "moe_parity": case_moe_parity,
+         "dp4": case_dp4}
 
 
 def main() -> int:
