@@ -98,7 +98,12 @@ def _runs(model, lay, r, workload, dp=1) -> list[dict]:
         out.append({**common, "workload": "random", "prompt_len": lat["context"], "output_len": lat["output"],
                     "concurrency": 1, "tpot_ms": lat["tpot_ms"], "ttft_ms": lat["ttft_ms"]})
     if "output_tok_s" in thr:
-        out.append({**common, "workload": workload, "output_tok_s": thr["output_tok_s"]})
+        shape = {}
+        if workload.startswith("random"):  # random{P}/{O}x{N}: what the planner needs to predict it
+            p_o, n = workload[len("random"):].split("x")
+            shape = {"workload": "random", "prompt_len": int(p_o.split("/")[0]), "output_len": int(p_o.split("/")[1]),
+                     "concurrency": int(n)}
+        out.append({**common, "workload": workload, "output_tok_s": thr["output_tok_s"], **shape})
     return out
 
 

@@ -126,6 +126,18 @@ def test_fused_moe_kernel_matches_twin(T, H, I, E, k, dtype):
         assert (flat[blk] == block_expert[b]).all()
 
 
+@pytest.mark.skipif(_TRITON_ERR is not None, reason=f"triton not importable: {_TRITON_ERR!r}")
+def test_moe_align_has_static_shapes():
+    """The alignment runs inside the decode CUDA graphs, so it must not read device data on the host. Ops whose
+    output shape depends on the data (bincount, boolean masks, nonzero, .item()) have no meta kernel either, so
+    running it on meta tensors catches them on a CPU (the bincount version failed graph capture on an H200)."""
+    from strata.ops.triton_kernels.fused_moe import moe_align
+    ids = torch.empty(5, 8, dtype=torch.long, device="meta")
+    sorted_ids, block_expert, total, max_blocks = moe_align(ids, 128, 16)
+    assert max_blocks == 3 + 128
+    assert sorted_ids.shape == (max_blocks * 16,) and block_expert.shape == (max_blocks,) and total.shape == (1,)
+
+
 def test_twin_matches_per_token_loop():
     """The twin against the plain definition (one token, one choice at a time)."""
     x, w13, w2, w, ids = _case(9, 32, 16, 4, 2, torch.float32)
