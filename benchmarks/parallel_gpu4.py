@@ -16,6 +16,9 @@ Cases (each writes <out>/parallel_gpu4-<case>.json; all runs also go to <out>/pa
   moe4      Qwen3-30B-A3B arch (128 experts, top-8): one GPU, TP=2, TP=2 + EP, TP=4, TP=4 + EP (EP=4 against
             TP-sharded experts): batch-1 latency and 256 x 512/128 throughput, memory per GPU (--moe-layouts)
   dp4       reference model, sharegpt1000: DP=1 against DP=4 (target >= 3.7x)
+  ppgraphs  pipeline stages as CUDA graphs (STRATA_PP_GRAPHS=1) against eager stages: Llama-3-70B TP=2 x PP=2
+            (4 GPUs) or Llama-3-8B PP=2 (2 GPUs): float32 parity against TP=1 (4-layer cut), batch-1 latency
+            eager and with graphs, sharegpt1000 with graphs
 """
 from __future__ import annotations
 
@@ -78,6 +81,40 @@ def case_moe_parity(base, args):
             pg.log(f"   {dtype} {name} vs tp1: {json.dumps(res[f'{dtype}_{name}_vs_tp1'])[:300]}")
     return {"case": "moe_parity", "model": f"qwen3-30b-a3b widths, {layers} layers (random weights, safetensors)",
             "tokens_per_sequence": n_tok, "results": res}, []
+
+
+def case_ppgraphs(base, args):
+    """Pipeline stages as CUDA graphs (STRATA_PP_GRAPHS=1) against eager stages: on 4 GPUs Llama-3-70B at
+    TP=2 x PP=2 (eager: 48.7 ms per token on 2026-11-22), on 2 GPUs Llama-3-8B at PP=2. Float32 greedy parity of
+    the graph path against TP=1 on the model's widths cut to 4 layers; batch-1 latency eager and with graphs;
+    sharegpt1000 with graphs."""
+    import torch
+    four = pg.DRY or torch.cuda.device_count() >= 4
+    model, lay = ("llama-3-70b", TP2PP2) if four else ("llama-3-8b", {"pipeline_parallel_size": 2})
+    graphs = {"STRATA_PP_GRAPHS": "1"}
+    ck = pg.checkpoint_dir(model, base, overrides={"num_hidden_layers": 2 if pg.DRY else 4})
+    extra = {"load_format": "auto", "max_num_seqs": 16}
+    n_tok = 16 if pg.QUICK else 32
+    ref = pg.run_child({"kind": "parity", "path": ck, "layout": {}, "dtype": "float32", "n_tok": n_tok, "extra": extra})
+    got = pg.run_child({"kind": "parity", "path": ck, "layout": lay, "dtype": "float32", "n_tok": n_tok,
+                        "extra": extra, "env": graphs})
+    res = {"float32_graphs_vs_tp1": _compare(ref, got)}
+    pg.log(f"   parity: {json.dumps(res['float32_graphs_vs_tp1'])[:300]}")
+    d = pg.model_dir(model, base)
+    ctx, n_out = (256, 16) if pg.QUICK else (1024, 64)
+    res["eager"] = pg.run_child({"kind": "latency", "path": d, "layout": lay, "ctx": ctx, "n_out": n_out,
+                                 "extra": {"max_num_seqs": 8}})
+    spec = _sharegpt_spec(args) or {}
+    runs = _runs(model, lay, res["eager"] and {"latency": res["eager"]}, "random")
+    if spec:
+        res["graphs"] = pg.run_child({"kind": "combo", "path": d, "layout": lay, "ctx": ctx, "n_out": n_out,
+                                      "env": graphs, **spec})
+        runs += [{**r, "variant": "pp_graphs"} for r in _runs(model, lay, res["graphs"], "sharegpt1000")]
+    try:
+        res["tpot_graphs_over_eager"] = round(res["graphs"]["latency"]["tpot_ms"] / res["eager"]["tpot_ms"], 3)
+    except (KeyError, TypeError, ZeroDivisionError):
+        pass
+    return {"case": "ppgraphs", "model": model, "layout": lay, "results": res}, runs
 
 
 def _sharegpt_spec(args) -> dict | None:
@@ -160,7 +197,7 @@ def case_dp4(base, args):
 
 
 CASES = {"parity4": case_parity4, "big70b4": case_big70b4, "moe4": case_moe4, "moe_parity": case_moe_parity,
-         "dp4": case_dp4}
+         "dp4": case_dp4, "ppgraphs": case_ppgraphs}
 
 
 def main() -> int:

@@ -87,6 +87,25 @@ def test_pp2_uneven_partition_matches_pp1(qwen3_3l, reference):
         engine.shutdown()
 
 
+def test_pp2_stage_graph_path_matches_pp1(qwen3_3l, monkeypatch):
+    """STRATA_PP_GRAPHS=1: decode micro-batches go through each stage's static buffers (padded to the graph
+    ladder, metadata from the per-slot tables). On CPU that path runs uncaptured; the tokens and logits must
+    still be the single-process engine's. Seven prompts: decode micro-batches of 4 and 3, the 3 padded to 4."""
+    ps7 = prompts(lens=(5, 17, 33, 2, 9, 12, 7))
+    ref_tokens, ref_logits = run_greedy(LLMEngine.from_engine_args(engine_args(qwen3_3l, max_num_seqs=8)), ps7)
+    monkeypatch.setenv("STRATA_PP_GRAPHS", "1")  # before the workers are spawned: they inherit it
+    engine = LLMEngine.from_engine_args(engine_args(qwen3_3l, pipeline_parallel_size=2, pp_layer_partition="2,1",
+                                                    max_num_seqs=8))
+    try:
+        tokens, logits = run_greedy(engine, ps7)
+        runs = engine.runner.collective_rpc("stage_graph_runs")
+        assert tokens == ref_tokens
+        torch.testing.assert_close(logits, ref_logits, **TOL)
+        assert runs[0] > 0 and runs[0] == runs[1], runs  # both stages, every decode micro-batch
+    finally:
+        engine.shutdown()
+
+
 def test_tp2_pp2_four_processes_match_single(qwen3_3l, reference):
     ref_tokens, ref_logits = reference
     engine, (tokens, logits) = _run_parallel(qwen3_3l, tensor_parallel_size=2, pipeline_parallel_size=2)

@@ -120,6 +120,11 @@ class _Handler:
         from strata.parallel.overlap import apply_comm_overlap
         return apply_comm_overlap(self.r.model, enabled, chunks=chunks, min_tokens=min_tokens)
 
+    def stage_graph_runs(self) -> int:
+        """Decode micro-batches this rank ran through its stage graphs (STRATA_PP_GRAPHS=1), -1 if off."""
+        sg = self.r.stage.stage_graphs
+        return -1 if sg is None else sg.runs
+
     def layer_range(self) -> tuple[int, int]:
         return getattr(self.r.model, "start_layer", 0), getattr(self.r.model, "end_layer", 0)
 
@@ -253,7 +258,7 @@ def _worker_main(args: EngineArgs, spec: ParallelSpec, rank: int, parent_pid: in
     except Exception as e:  # noqa: BLE001 - a peer died or a step failed: this rank is done
         log.error("rank %d stopped: %s: %s", rank, type(e).__name__, e)
         return 1
-    r.stage.runner.release_graphs()
+    r.stage.release_graphs()
     if r.chan is not None:
         r.chan.close()
     _teardown(True)
@@ -506,7 +511,7 @@ class MultiprocExecutor:
             except Exception:  # noqa: BLE001
                 self._dead = "shutdown failed"
         if self._dead is None:
-            self.stage.runner.release_graphs()  # NCCL teardown waits for graphs that captured its collectives
+            self.stage.release_graphs()  # NCCL teardown waits for graphs that captured its collectives
         for _, p in self._procs:
             p.join(timeout=10)
         _kill(self._procs)

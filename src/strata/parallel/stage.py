@@ -11,6 +11,8 @@ and each slot's block table as a diff against what the ranks already mirror) and
             last stage returns to the driver the argmax ids (all-greedy steps) or the logits (anything else)
 
 Sends are asynchronous, so stage s works on micro-batch i+1 while stage s+1 works on micro-batch i.
+With STRATA_PP_GRAPHS=1 a decode-only step's micro-batches run as CUDA graph replays of each stage
+(`stage_graphs.py`; sends and receives stay outside the graphs).
 With TP > 1 each TP rank sends only its 1/TP slice of the hidden size across the stage boundary and the
 receiving stage all-gathers it over its (fast, intra-node) TP group: the boundary carries one copy.
 """
@@ -26,6 +28,9 @@ from strata.attention.backend import forward_context
 from strata.core.plan import ScheduledChunk, StepPlan
 from strata.layers.sampler import to_device
 from strata.parallel import state as ps
+from strata.parallel.stage_graphs import StageGraphs
+from strata.parallel.stage_graphs import enabled as stage_graphs_enabled
+from strata.runner.cuda_graphs import SlotBlockTables
 from strata.runner.model_runner import ModelRunner
 
 RETURN_TAG = 1 << 20  # tags of the last stage's replies to the driver (activations use the micro-batch index)
@@ -146,9 +151,27 @@ class StageRunner:
         self.driver_rank, self.last_stage_rank = driver_rank, last_stage_rank
         self.rank = ps.world().ranks[ps.world().rank_in_group] if ps.is_initialized() else 0
         self.tables: dict[int, list[int]] = {}  # slot -> block ids, mirrored from the driver's diffs
+        self.enforce_eager = enforce_eager
+        self.stage_graphs: StageGraphs | None = None  # PP > 1, STRATA_PP_GRAPHS=1
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
+        if self.pp_size > 1 and stage_graphs_enabled() and not self.enforce_eager:
+            r = self.runner
+            if r.tables is None:  # CPU: the static-buffer path runs uncaptured (tests)
+                r.tables = SlotBlockTables(r.max_num_seqs, -(-r.max_model_len // r.block_size), self.device)
+            self.stage_graphs = StageGraphs(self.model, r.tables, is_first=self.is_first, is_last=self.is_last,
+                                            hidden_size=self.hidden, dtype=self.dtype, max_num_seqs=r.max_num_seqs,
+                                            block_size=r.block_size, max_seq_len=r.max_model_len,
+                                            device=self.device)
+            self.stage_graphs.capture()
+
+    def release_graphs(self) -> None:
+        """Destroy every CUDA graph of this rank (before the process groups are torn down)."""
+        self.runner.release_graphs()
+        if self.stage_graphs is not None:
+            self.stage_graphs.release()
+            self.stage_graphs = None
 
     def _apply_tables(self, msg: StepMsg) -> None:
         for c in msg.chunks:
@@ -226,25 +249,37 @@ class StageRunner:
             if msg.share_tokens:
                 self.share_tokens(msg, None)
             return []
+        sg = self.stage_graphs
+        use_sg = sg is not None and all(c.is_decode and c.sample and not c.pending for c in msg.chunks) \
+            and all(sg.fits(b - a) for a, b in msg.microbatches)
         for i, (a, b) in enumerate(msg.microbatches):
             chunks = msg.chunks[a:b]
-            input_ids, positions, meta = self._inputs(chunks)
-            T = input_ids.shape[0]
-            inter = None if self.is_first else (self._recv_boundary(T, i), None)
-            with forward_context(meta):
-                y = self.model(input_ids, positions, inter)
-            if not self.is_last:
-                hidden, residual = y
-                pending.append(self._send_boundary(hidden + residual, i))
-                continue
-            rows, off = [], 0
-            for c in chunks:
-                off += c.num_tokens
-                if c.sample:
-                    rows.append(off - 1)
-            if not rows:
-                continue
-            logits = self.model.compute_logits(y[torch.tensor(rows, device=self.device)])  # [n, V]
+            if use_sg:  # decode micro-batch: a graph replay; every row samples
+                inter = None if self.is_first else self._recv_boundary(len(chunks), i)
+                y = sg.run([c.token_ids[0] for c in chunks], [c.start for c in chunks], [c.slot for c in chunks],
+                           inter)
+                if not self.is_last:
+                    pending.append(self._send_boundary(y, i))
+                    continue
+                logits = y
+            else:
+                input_ids, positions, meta = self._inputs(chunks)
+                T = input_ids.shape[0]
+                inter = None if self.is_first else (self._recv_boundary(T, i), None)
+                with forward_context(meta):
+                    y = self.model(input_ids, positions, inter)
+                if not self.is_last:
+                    hidden, residual = y
+                    pending.append(self._send_boundary(hidden + residual, i))
+                    continue
+                rows, off = [], 0
+                for c in chunks:
+                    off += c.num_tokens
+                    if c.sample:
+                        rows.append(off - 1)
+                if not rows:
+                    continue
+                logits = self.model.compute_logits(y[torch.tensor(rows, device=self.device)])  # [n, V]
             if self.pp_size == 1:
                 if is_driver:
                     out.append(logits)
