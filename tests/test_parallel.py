@@ -182,7 +182,8 @@ def test_dp2_matches_dp1(qwen3_3l):
     kw = dict(engine_args(qwen3_3l).__dict__)
     kw.pop("model")
     one = LLM(str(qwen3_3l), **kw).generate(ps, params, use_tqdm=False)
-    with DataParallelLLM(str(qwen3_3l), **{**kw, "data_parallel_size": 2}) as dp:
+    with LLM(str(qwen3_3l), **{**kw, "data_parallel_size": 2}) as dp:  # LLM(data_parallel_size=2) is DP
+        assert isinstance(dp, DataParallelLLM)
         two = dp.generate(ps, params)
         assert dp.load == [0, 0] and min(dp.dispatched) >= 2  # work spread, all of it finished
     assert [o.outputs[0].token_ids for o in two] == [o.outputs[0].token_ids for o in one]

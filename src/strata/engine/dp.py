@@ -30,7 +30,9 @@ from strata.core.outputs import RequestOutput
 from strata.core.sampling_params import SamplingParams
 
 
-def _replica_main(args: EngineArgs, conn, env: dict) -> None:
+def _replica_main(args: EngineArgs, conn, env: dict, stream: bool = False) -> None:
+    """One replica's loop. stream=False (DataParallelLLM): finished outputs only. stream=True
+    (DataParallelEngine): every step's outputs and the engine's stats."""
     os.environ.update(env)
     from strata.engine.llm_engine import LLMEngine
     try:
@@ -38,7 +40,7 @@ def _replica_main(args: EngineArgs, conn, env: dict) -> None:
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         conn.send(("fatal", type(e).__name__, str(e), getattr(e, "param", None)))
         return
-    conn.send(("ready", engine.config.max_model_len))
+    conn.send(("ready", engine.config.max_model_len, engine.config, engine.model_config.vocab_size))
     try:
         while True:
             busy = engine.has_unfinished_requests()
@@ -52,17 +54,21 @@ def _replica_main(args: EngineArgs, conn, env: dict) -> None:
                 if cmd[0] == "stop":
                     return
                 if cmd[0] == "add":  # a whole call's share at once: the first step sees all of it
-                    for rid, prompt, params in cmd[1]:
+                    for rid, prompt, params, *arrival in cmd[1]:
                         try:
-                            engine.add_request(rid, prompt, params)
+                            engine.add_request(rid, prompt, params, arrival_time=arrival[0] if arrival else None)
                         except Exception as e:  # noqa: BLE001 - the caller's bad input
                             conn.send(("error", rid, type(e).__name__, str(e), getattr(e, "param", None)))
                 elif cmd[0] == "abort":
                     engine.abort_request(cmd[1])
             if engine.has_unfinished_requests():
-                done = [o for o in engine.step() if o.finished]
-                if done:
-                    conn.send(("out", done))
+                outs = engine.step()
+                if stream:
+                    conn.send(("out", outs, engine.get_stats()))
+                else:
+                    done = [o for o in outs if o.finished]
+                    if done:
+                        conn.send(("out", done))
     finally:
         close = getattr(engine, "shutdown", None)
         if callable(close):
@@ -91,6 +97,8 @@ def _visible_gpus() -> list[str]:
 
 
 class DataParallelLLM:
+    _stream = False  # replicas send finished outputs only
+
     def __init__(self, model: str | None = None, **kwargs):
         import multiprocessing as mp
 
@@ -128,7 +136,7 @@ class DataParallelLLM:
             for i in range(n):
                 a = args.replace(data_parallel_size=1, master_port=ports[i], seed=args.seed, **per)
                 parent, child = ctx.Pipe()
-                p = ctx.Process(target=_replica_main, args=(a, child, envs[i]), name=f"strata-dp{i}")
+                p = ctx.Process(target=_replica_main, args=(a, child, envs[i], self._stream), name=f"strata-dp{i}")
                 p.start()
                 child.close()
                 self._conns.append(parent)
@@ -139,7 +147,7 @@ class DataParallelLLM:
                 if msg[0] == "fatal":
                     _, name, text, param = msg
                     raise ParameterError(param, text) if param else StrataError(f"replica {i}: {name}: {text}")
-                self.max_model_len = msg[1]
+                self.max_model_len, self.config, self.vocab_size = msg[1], msg[2], msg[3]
         except BaseException:
             self.shutdown()
             raise

@@ -15,6 +15,13 @@ Prompt = str | list[int] | dict
 
 
 class LLM:
+    def __new__(cls, model: str | None = None, **kwargs):
+        """data_parallel_size > 1: a DataParallelLLM (N replica processes, the same generate / chat calls)."""
+        if int(kwargs.get("data_parallel_size") or 1) > 1:
+            from strata.engine.dp import DataParallelLLM
+            return DataParallelLLM(model, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, model: str | None = None, **kwargs):
         self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer

@@ -50,6 +50,26 @@ class EngineStats:
     prefix_cache_hits_total: int
 
 
+def prompt_ids(tokenizer, vocab: int, max_len: int, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    """The prompt's token ids, or the ParameterError an engine would raise for it (also used by the
+    data-parallel front end, which checks requests before handing them to a replica)."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+    else:
+        ids = list(prompt)
+        bad = [t for t in ids if not isinstance(t, int) or t < 0 or t >= vocab]
+        if bad:
+            raise ParameterError("prompt", f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    if not ids:
+        raise ParameterError("prompt", "the prompt is empty")
+    if len(ids) >= max_len:
+        raise PromptTooLongError(len(ids), max_len)
+    if params.max_tokens is not None and params.max_tokens > max_len - len(ids):
+        raise ParameterError("max_tokens", f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} "
+                                           f"tokens exceeds max_model_len={max_len}")
+    return ids
+
+
 class _Child:
     """Output-side state of one of a request's n samples."""
 
@@ -130,25 +150,9 @@ class LLMEngine:
                     arrival_time: float | None = None) -> None:
         if request_id in self.parents:
             raise ParameterError("request_id", f"request id {request_id!r} is already in use")
-        text = None
-        if isinstance(prompt, str):
-            text = prompt
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        else:
-            ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            bad = [t for t in ids if not isinstance(t, int) or t < 0 or t >= vocab]
-            if bad:
-                raise ParameterError("prompt", f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        if not ids:
-            raise ParameterError("prompt", "the prompt is empty")
-        max_len = self.config.max_model_len
-        if len(ids) >= max_len:
-            raise PromptTooLongError(len(ids), max_len)
-        room = max_len - len(ids)
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise ParameterError("max_tokens", f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} "
-                                               f"tokens exceeds max_model_len={max_len}")
+        text = prompt if isinstance(prompt, str) else None
+        ids = prompt_ids(self.tokenizer, self.model_config.vocab_size, self.config.max_model_len, prompt, params)
+        room = self.config.max_model_len - len(ids)
         params = params.clone(eos_token_ids=list(self.eos_token_ids))
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         arrival = arrival_time if arrival_time is not None else time.monotonic()

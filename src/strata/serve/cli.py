@@ -40,12 +40,20 @@ def main_args(args: argparse.Namespace) -> int:
     engine_args = EngineArgs.from_cli_args(args)
 
     from strata.core.errors import ModelLoadError
+    from strata.core.sampling_params import ParameterError
     from strata.engine.llm_engine import LLMEngine
     try:
-        engine = LLMEngine.from_engine_args(engine_args)
+        if engine_args.data_parallel_size > 1:  # N replicas behind this one server (least-loaded dispatch)
+            from strata.engine.dp_engine import DataParallelEngine
+            engine = DataParallelEngine(engine_args)
+        else:
+            engine = LLMEngine.from_engine_args(engine_args)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ParameterError as e:  # a bad flag (layout, GPUs, lengths): named, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from strata.serve.server import serve
     return serve(engine, server_args)
