@@ -6,6 +6,8 @@
 #   PART=h200 bash benchmarks/gpu_pending.sh     # one H200 (or the x2 machine's first GPU)
 #   PART=x2   bash benchmarks/gpu_pending.sh     # nvidia-h200-x2
 #   PART=moe  bash benchmarks/gpu_pending.sh     # nvidia-h200-x2: expert parallelism on 2 GPUs
+#   PART=tpprof bash benchmarks/gpu_pending.sh   # nvidia-h200-x2: batch-1 profiles of TP=1 / TP=2 (Llama-3-8B)
+#                                                # and of the MoE on one GPU; PP=2 stage graphs against eager
 #
 # .carry is git-ignored; on a new checkout rebuild it first (CPU machine, after scripts/setup.sh):
 #   python3 -c "from strata.engine.tokenizer import Tokenizer; from strata.models.embedded import default_model_path; \
@@ -28,6 +30,17 @@ elif [ "${PART}" = h200 ]; then
   # 3. the batch layer against the engine on 10,000 posts (issue 4: within 10%)
   timeout 250 python3 benchmarks/batch_throughput.py run --posts .carry/batch/sharegpt10k.jsonl --model qwen3-4b \
     --tokenizer .carry/tok --out-json "$OUT/batch-sharegpt10k.json" 2>&1 | grep -v "^batch: done" | tail -5
+elif [ "${PART}" = tpprof ]; then
+  # issue 5: where TP=2's batch-1 step goes against TP=1 (same call), the MoE's batch-1 step (8.8 ms on one
+  # H200 against a 3.3 ms plan), then pipeline stages as CUDA graphs (STRATA_PP_GRAPHS=1) against eager
+  for tp in 1 2; do
+    timeout 150 python3 benchmarks/profile_gpu.py --model llama-3-8b --tensor-parallel-size $tp --async-scheduling \
+      --skip sharegpt,seed64,mixed --out "$OUT/tp$tp" 2>&1 | grep "^b1"
+  done
+  timeout 150 python3 benchmarks/profile_gpu.py --model qwen3-30b-a3b --async-scheduling --skip sharegpt,seed64,mixed \
+    --out "$OUT/moe" 2>&1 | grep "^b1"
+  timeout 200 python3 benchmarks/parallel_gpu4.py --out "$OUT/ppg" --workloads .carry/workloads --async-steps \
+    --cases ppgraphs 2>&1 | grep -- "->\|done\|rror\|parity"
 elif [ "${PART}" = moe ]; then
   # 6. Qwen3-30B-A3B: one GPU, TP=2 with TP-sharded experts, TP=2 with expert parallelism
   timeout 540 python3 benchmarks/parallel_gpu.py --out "$OUT" --cases moe --workloads .carry/workloads \

@@ -60,6 +60,9 @@ def main() -> int:
     ap.add_argument("--async-scheduling", action="store_true", help="overlapped steps for every part")
     ap.add_argument("--mixed-requests", type=int, default=120)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="TP engine: the profile is the driver's (TP rank 0), the others do the same work")
+    ap.add_argument("--enable-expert-parallel", action="store_true")
     a = ap.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -75,15 +78,19 @@ def main() -> int:
     if a.blas:
         torch.backends.cuda.preferred_blas_library(a.blas)
     t = time.perf_counter()
-    llm = LLM(resolve(a.model).path, load_format="dummy", tokenizer=a.tokenizer, max_model_len=a.max_model_len)
+    llm = LLM(resolve(a.model).path, load_format="dummy", tokenizer=a.tokenizer, max_model_len=a.max_model_len,
+              tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
+              async_scheduling=a.async_scheduling)
     eng = llm.engine
     runner = eng.runner
-    eng.async_scheduling = a.async_scheduling
+    if not hasattr(runner, "step_stats"):  # the multiprocess executor keeps no per-kind step times
+        runner.step_stats = {}
     out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "model": a.model, "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__,
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                     cwd=ROOT).stdout.strip() or "see carried snapshot",
            "command": " ".join(["python3"] + sys.argv), "load_s": round(time.perf_counter() - t, 1),
+           "tensor_parallel_size": a.tensor_parallel_size, "enable_expert_parallel": a.enable_expert_parallel,
            "async_scheduling": bool(getattr(eng, "async_scheduling", False)),
            "blas": str(torch.backends.cuda.preferred_blas_library()) if torch.cuda.is_available() else None,
            "skinny_gemm": os.environ.get("STRATA_SKINNY_GEMM") == "1",
