@@ -39,7 +39,7 @@ elif [ "${PART}" = tpprof ]; then
   done
   timeout 150 python3 benchmarks/profile_gpu.py --model qwen3-30b-a3b --async-scheduling --skip sharegpt,seed64,mixed \
     --out "$OUT/moe" 2>&1 | grep "^b1"
-  timeout 200 python3 benchmarks/parallel_gpu4.py --out "$OUT/ppg" --workloads .carry/workloads --async-steps \
+  timeout 260 python3 benchmarks/parallel_gpu4.py --out "$OUT/ppg" --workloads .carry/workloads --async-steps \
     --cases ppgraphs 2>&1 | grep -- "->\|done\|rror\|parity"
 elif [ "${PART}" = moe ]; then
   # 6. Qwen3-30B-A3B: one GPU, TP=2 with TP-sharded experts, TP=2 with expert parallelism
