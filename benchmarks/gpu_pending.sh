@@ -8,6 +8,7 @@
 #   PART=moe  bash benchmarks/gpu_pending.sh     # nvidia-h200-x2: expert parallelism on 2 GPUs
 #   PART=tpprof bash benchmarks/gpu_pending.sh   # nvidia-h200-x2: batch-1 profiles of TP=1 / TP=2 (Llama-3-8B)
 #                                                # and of the MoE on one GPU; PP=2 stage graphs against eager
+#   PART=moekernel bash benchmarks/gpu_pending.sh  # one GPU: the fused-MoE kernel's tile sweep (moe_kernel.py)
 #
 # .carry is git-ignored; on a new checkout rebuild it first (CPU machine, after scripts/setup.sh):
 #   python3 -c "from strata.engine.tokenizer import Tokenizer; from strata.models.embedded import default_model_path; \
@@ -41,6 +42,8 @@ elif [ "${PART}" = tpprof ]; then
     --out "$OUT/moe" 2>&1 | grep "^b1"
   timeout 260 python3 benchmarks/parallel_gpu4.py --out "$OUT/ppg" --workloads .carry/workloads --async-steps \
     --cases ppgraphs 2>&1 | grep -- "->\|done\|rror\|parity"
+elif [ "${PART}" = moekernel ]; then
+  timeout 500 python3 benchmarks/moe_kernel.py --out "$OUT/moe_kernel.json" 2>&1 | tail -25
 elif [ "${PART}" = moe ]; then
   # 6. Qwen3-30B-A3B: one GPU, TP=2 with TP-sharded experts, TP=2 with expert parallelism
   timeout 540 python3 benchmarks/parallel_gpu.py --out "$OUT" --cases moe --workloads .carry/workloads \

@@ -88,19 +88,29 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 
 
 def _gemm(a, w, c, weights, sorted_ids, block_expert, total, max_blocks, num_pairs, a_row_div, mul_weight,
-          block_m, block_n=64, block_k=64):
+          block_m, block_n=64, block_k=64, num_warps=4, num_stages=None):
     N, K = w.shape[1], w.shape[2]
     block_n = max(16, min(block_n, triton.next_power_of_2(N)))
     block_k = max(16, min(block_k, triton.next_power_of_2(K)))
     grid = (max_blocks, triton.cdiv(N, block_n))
+    extra = {} if num_stages is None else {"num_stages": num_stages}
     _moe_gemm_kernel[grid](a, w, c, weights, sorted_ids, block_expert, total, N, K, num_pairs, a_row_div,
                            a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
                            c.stride(0), c.stride(1), MUL_WEIGHT=mul_weight, BLOCK_M=block_m, BLOCK_N=block_n,
-                           BLOCK_K=block_k, DOT_PREC=dot_precision(a.dtype), INTERP=interpreting(), num_warps=4)
+                           BLOCK_K=block_k, DOT_PREC=dot_precision(a.dtype), INTERP=interpreting(),
+                           num_warps=num_warps, **extra)
+
+
+def default_config(num_pairs: int, num_experts: int) -> dict:
+    """Tile sizes by rows per expert (the only heuristic so far; `benchmarks/moe_kernel.py` sweeps others)."""
+    per_expert = num_pairs / num_experts
+    return {"block_m": 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64, "block_n": 64, "block_k": 64,
+            "num_warps": 4, "num_stages": None}
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """config: tile sizes ({block_m, block_n, block_k, num_warps, num_stages}; default `default_config`)."""
     T, H = x.shape
     k = topk_ids.shape[1]
     E, two_i, _ = w13.shape
@@ -108,15 +118,16 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    per_expert = P / E
-    block_m = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
+    cfg = {**default_config(P, E), **(config or {})}
+    block_m = cfg["block_m"]
+    tiles = {n: cfg[n] for n in ("block_n", "block_k", "num_warps", "num_stages")}
     sorted_ids, block_expert, total, max_blocks = moe_align(topk_ids, E, block_m)
     weights = topk_weights.reshape(-1).contiguous()
     x = x.contiguous()
     c1 = torch.empty((P, two_i), dtype=x.dtype, device=x.device)  # [T*k, 2I] in pair order
-    _gemm(x, w13, c1, weights, sorted_ids, block_expert, total, max_blocks, P, k, False, block_m)
+    _gemm(x, w13, c1, weights, sorted_ids, block_expert, total, max_blocks, P, k, False, block_m, **tiles)
     gate, up = c1.chunk(2, dim=-1)
     act = (torch.nn.functional.silu(gate.float()) * up.float()).to(x.dtype)  # [T*k, I]
     c2 = torch.zeros((P, H), dtype=torch.float32, device=x.device)  # unscheduled pairs stay 0
-    _gemm(act, w2, c2, weights, sorted_ids, block_expert, total, max_blocks, P, 1, True, block_m)
+    _gemm(act, w2, c2, weights, sorted_ids, block_expert, total, max_blocks, P, 1, True, block_m, **tiles)
     return c2.view(T, k, H).sum(dim=1).to(x.dtype)
