@@ -424,7 +424,7 @@ def test_engine_async_random_mixes(model_dir, cfg, reqs, abort):
     heads = [torch.randint(3, 384, (24,), generator=g).tolist() for _ in range(6)]
     items = [(heads[h][: L % 24] + torch.randint(3, 384, (max(1, L - 24),), generator=g).tolist(), p.clone(output_kind="delta"))
              for h, L, p in reqs]
-    results = []
+    results, aborted_any = [], set()
     for llm in _engine_pair(model_dir, cfg):
         eng = llm.engine
         eng.eos_token_ids = [249, 58]
@@ -448,5 +448,9 @@ def test_engine_async_random_mixes(model_dir, cfg, reqs, abort):
         for outs in seen.values():  # one finished output per request, the last one
             done = [i for i, o in enumerate(outs) if all(c[2] is not None for c in o)]
             assert done == [len(outs) - 1]
-        results.append({r: v[-1] for r, v in seen.items() if r != aborted})
-    assert results[1] == results[0]
+        results.append({r: v[-1] for r, v in seen.items()})
+        aborted_any.add(aborted)
+    # An abort at step k can find a request still unfinished in one engine and already done in the other (the
+    # overlapped engine reports a step later), so a request aborted in either run is left out of the comparison.
+    assert ({r: v for r, v in results[1].items() if r not in aborted_any}
+            == {r: v for r, v in results[0].items() if r not in aborted_any})

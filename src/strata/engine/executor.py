@@ -345,6 +345,30 @@ def _teardown(destroy: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------- the driver
+class _PipelinedStep:
+    """A step in the pipeline. `result()` waits for the last stage's replies (when they were deferred) and
+    samples on the driver, as a synchronous step does."""
+
+    def __init__(self, ex: "MultiprocExecutor", plan, sample_chunks, batch, greedy_ids, outs, replies):
+        self.ex, self.plan, self.sample_chunks, self.batch = ex, plan, sample_chunks, batch
+        self.greedy_ids, self.outs, self.replies = greedy_ids, outs, replies
+
+    def result(self) -> StepResult:
+        outs, ex = self.outs, self.ex
+        if self.replies is not None:
+            with ex._lock:
+                ex._check()
+                try:
+                    _arm("step")
+                    outs = self.replies()
+                    _disarm()
+                except Exception as e:
+                    time.sleep(0.2)  # let the monitor name the dead worker, when that is the cause
+                    ex._die(ex._dead or f"step failed: {type(e).__name__}: {e}")
+                    raise EngineDeadError(f"the parallel engine is dead: {ex._dead}") from e
+        return ex._finish(self.plan, self.sample_chunks, self.batch, self.greedy_ids, outs)
+
+
 class MultiprocExecutor:
     """Driver side: `execute(plan) -> StepResult`, `device`, `model` (rank 0's shard), `shutdown()`."""
 
@@ -416,7 +440,7 @@ class MultiprocExecutor:
         ps.broadcast_object(msg)
 
     # ---- the step
-    def _run_step(self, msg, after=None):
+    def _run_step(self, msg, after=None, defer: bool = False):
         """Broadcast the step and run the driver's stage (then `after(outs)`, under the same lock and failure
         handling). Returns what `after` returns, or the stage's outputs."""
         with self._lock:
@@ -424,7 +448,7 @@ class MultiprocExecutor:
             try:
                 _arm("step")
                 self._send_ctrl(("step", msg))
-                outs = self.stage.run(msg)
+                outs = self.stage.run(msg, defer=defer)
                 out = after(outs) if after is not None else outs
                 _disarm()
                 return out
@@ -434,6 +458,16 @@ class MultiprocExecutor:
                 raise EngineDeadError(f"the parallel engine is dead: {self._dead}") from e
 
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.launch_pipelined(plan, defer=False).result()
+
+    @property
+    def supports_batch_queue(self) -> bool:
+        """Several steps in flight through the pipeline stages (PP > 1)."""
+        return self.spec.pp > 1
+
+    def launch_pipelined(self, plan: StepPlan, defer: bool = True) -> "_PipelinedStep":
+        """Broadcast the step and run the driver's stage; with `defer` (PP > 1) the last stage's replies are
+        collected by `result()`, so that the next step can enter the pipeline first (batch queue)."""
         self._check()
         ordered = runner_order(plan)
         sample_chunks = [c for c in ordered if c.sample]
@@ -441,7 +475,12 @@ class MultiprocExecutor:
         greedy_ids = (batch is not None and self.spec.pp > 1 and self.sample_on_last_stage and batch.all_greedy
                       and not batch.any_penalty and not batch.any_min_tokens and batch.max_logprobs is None)
         msg, _ = self.encoder.encode(plan, self.spec.pp, greedy_ids)
-        outs = self._run_step(msg)
+        defer = defer and self.spec.pp > 1
+        outs = self._run_step(msg, defer=defer)
+        return _PipelinedStep(self, plan, sample_chunks, batch, greedy_ids, outs if not defer else None,
+                              outs if defer else None)
+
+    def _finish(self, plan, sample_chunks, batch, greedy_ids, outs) -> StepResult:
         if not sample_chunks:
             return StepResult()
         if greedy_ids:

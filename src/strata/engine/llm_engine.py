@@ -8,11 +8,17 @@ Async scheduling (`config.async_scheduling`, single-process ModelRunner only): a
 step N+1 while step N still runs on the device, then waits for N and applies it, so each step's outputs come
 one step() later. It steps synchronously (waits for N before scheduling) while a request with a token in
 flight needs its tokens on the host to sample the next one (see `_needs_sync`).
+
+Pipeline batch queue (PP > 1, opt-in with STRATA_PP_BATCH_QUEUE=1): up to PP steps are in the pipeline at
+once, each over different requests (at most max_num_seqs / PP sequences each), so that stage s works on one
+step while stage s-1 works on the next; step() launches steps until PP are in flight, then collects and
+applies the oldest.
 """
 from __future__ import annotations
 
 import itertools
 import json
+from collections import deque
 import logging
 import os
 import time
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from strata.config.engine import EngineArgs, EngineConfig
+from strata.config.engine import EngineArgs, EngineConfig, env_flag
 from strata.core.errors import ParameterError, PromptTooLongError
 from strata.core.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from strata.core.request import Request, RequestStatus
@@ -126,6 +132,12 @@ class LLMEngine:
         if config.async_scheduling and not self.async_scheduling:
             log.warning("async scheduling needs one pipeline stage; stepping synchronously")
         self.in_flight: tuple[StepPlan, StepHandle] | None = None
+        # pipeline batch queue: (plan, launched step, its request ids), oldest first
+        self.pp_depth = (runner.spec.pp if getattr(runner, "supports_batch_queue", False)
+                         and env_flag("STRATA_PP_BATCH_QUEUE") else 0)
+        self.pp_queue: deque = deque()
+        self._queued_ids: set[str] = set()
+        self.pp_max_in_flight = 0  # the most steps seen in the pipeline at once (tests, diagnostics)
         self._seed_counter = itertools.count()
         self._aborted_outputs: list[RequestOutput] = []
         self.prompt_tokens_total = 0
@@ -190,7 +202,8 @@ class LLMEngine:
             self._drop(parent)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.parents) or bool(self._aborted_outputs) or self.in_flight is not None
+        return (bool(self.parents) or bool(self._aborted_outputs) or self.in_flight is not None
+                or bool(self.pp_queue))
 
     def get_stats(self) -> EngineStats:
         s = self.scheduler
@@ -201,6 +214,8 @@ class LLMEngine:
     # ---------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
         outputs, self._aborted_outputs = self._aborted_outputs, []
+        if self.pp_depth:
+            return outputs + self._step_queue()
         if self.async_scheduling:
             return outputs + self._step_async()
         plan = self.scheduler.schedule()
@@ -221,6 +236,25 @@ class LLMEngine:
         if prev is not None:
             outputs += self._apply(prev[0], prev[1].result())
         return outputs
+
+    def _step_queue(self) -> list[RequestOutput]:
+        """Fill the pipeline with steps over requests not already in it, then apply the oldest step."""
+        cap = -(-self.config.max_num_seqs // self.pp_depth)
+        while len(self.pp_queue) < self.pp_depth:
+            plan = self.scheduler.schedule(exclude=self._queued_ids, max_seqs=cap)
+            if plan.empty:
+                break
+            ids = {c.request.request_id for c in plan.chunks}
+            self.pp_queue.append((plan, self.runner.launch_pipelined(plan), ids))
+            self._queued_ids |= ids
+            self.pp_max_in_flight = max(self.pp_max_in_flight, len(self.pp_queue))
+            if plan.blocked:  # blocks ran out and every other request is in flight: collect one first
+                break
+        if not self.pp_queue:
+            return []
+        plan, handle, ids = self.pp_queue.popleft()
+        self._queued_ids -= ids
+        return self._apply(plan, handle.result())
 
     def _needs_sync(self) -> bool:
         """Whether the next step must wait for the one in flight: a request whose token is still on the

@@ -231,9 +231,11 @@ class StageRunner:
         self.runner.tables.sync(SimpleNamespace(new_slots=msg.new_slots, chunks=chunks))
 
     @torch.inference_mode()
-    def run(self, msg: StepMsg) -> list[torch.Tensor]:
+    def run(self, msg: StepMsg, defer: bool = False):
         """Run this stage over every micro-batch. Returns, on the driver, one tensor per micro-batch with
-        sampled rows (logits [n, V], or argmax ids [n] when msg.greedy_ids): the rows in chunk order."""
+        sampled rows (logits [n, V], or argmax ids [n] when msg.greedy_ids): the rows in chunk order.
+        defer (driver, PP > 1, pipeline batch queue): post the receives of the last stage's replies and return
+        a function that waits for them, so that the next step can be launched meanwhile."""
         pending, out, returns = [], [], []
         is_driver = self.rank == self.driver_rank
         self._apply_tables(msg)
@@ -291,18 +293,25 @@ class StageRunner:
         # two receives could wait on a send the driver queued behind its own receive of that reply.
         for payload, i in returns:
             pending.append((ps.send(payload, self.driver_rank, RETURN_TAG + i, what="return"), payload))
+        posted = []
         if is_driver and self.pp_size > 1:
             for i, (a, b) in enumerate(msg.microbatches):
                 n = sum(1 for c in msg.chunks[a:b] if c.sample)
                 if not n:
                     continue
-                if msg.greedy_ids:
-                    out.append(ps.recv((n,), torch.int64, self.device, self.last_stage_rank, RETURN_TAG + i))
+                shape, dt = ((n,), torch.int64) if msg.greedy_ids else ((n, self.vocab), self.dtype)
+                if defer:
+                    posted.append(ps.irecv(shape, dt, self.device, self.last_stage_rank, RETURN_TAG + i))
                 else:
-                    out.append(ps.recv((n, self.vocab), self.dtype, self.device, self.last_stage_rank,
-                                       RETURN_TAG + i))
+                    out.append(ps.recv(shape, dt, self.device, self.last_stage_rank, RETURN_TAG + i))
         for w, _ in pending:  # the tensors stay referenced until their sends complete
             w.wait()
         if msg.share_tokens and not is_driver:
             self.share_tokens(msg, None)
+        if defer:
+            def replies() -> list[torch.Tensor]:
+                for w, _ in posted:
+                    w.wait()
+                return [buf for _, buf in posted]
+            return replies
         return out

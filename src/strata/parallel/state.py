@@ -330,6 +330,12 @@ def recv(shape, dtype: torch.dtype, device, src: int, tag: int = 0) -> torch.Ten
     return buf
 
 
+def irecv(shape, dtype: torch.dtype, device, src: int, tag: int = 0):
+    """A posted receive: (work, buffer); the buffer holds the data after work.wait()."""
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    return dist.irecv(buf, src=src, tag=tag), buf
+
+
 # ---- control plane ----
 def broadcast_object(obj=None, src: int = 0):
     """Pickled broadcast on the control group: the source passes obj, everyone gets it back."""

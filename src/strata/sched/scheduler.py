@@ -11,6 +11,12 @@ pending (`Request.num_pending`) and count as known for the arithmetic; a request
 its last (max_tokens, max_model_len) is not scheduled. Nothing is preempted while a step is in flight: if
 blocks run out, scheduling stops and the plan is marked `blocked`; the engine then finishes the step in
 flight and schedules synchronously, where preemption is allowed.
+
+Pipeline batch queue (`schedule(exclude=..., max_seqs=...)`, PP > 1): up to PP steps are in flight at once,
+each over different requests, so that every stage has work. The requests of the steps in flight are
+`exclude`d: not scheduled, never preempted (when blocks run out and every other running request is in
+flight, the plan is marked `blocked` and the engine waits for the oldest step). `max_seqs` caps a step's
+sequences (max_num_seqs / PP) so that the running requests split into PP groups.
 """
 from __future__ import annotations
 
@@ -89,10 +95,14 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _victim(self) -> Request:
+    def _victim(self, exclude=frozenset()) -> Request | None:
+        """The request to preempt: the lowest priority (fcfs: the latest) of those not in a step in flight."""
+        cands = [r for r in self.running if r.request_id not in exclude] if exclude else self.running
+        if not cands:
+            return None
         if self.policy == "priority":
-            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
-        return self.running[-1]
+            return max(cands, key=lambda r: (r.priority, r.arrival_time))
+        return cands[-1]
 
     def _next_waiting(self) -> Request:
         if self.policy == "priority":
@@ -112,17 +122,20 @@ class Scheduler:
         req.num_computed_tokens += n
         req.num_pending += sample
 
-    def schedule(self, in_flight: bool = False) -> StepPlan:
-        """The next step's plan. `in_flight`: the previous step is still running (async scheduling)."""
+    def schedule(self, in_flight: bool = False, exclude=frozenset(), max_seqs: int | None = None) -> StepPlan:
+        """The next step's plan. `in_flight`: the previous step is still running (async scheduling).
+        `exclude`: ids of requests in steps in flight (pipeline batch queue); `max_seqs`: at most this many
+        sequences in the plan."""
         plan = StepPlan(freed_slots=self._freed_slots)
         self._freed_slots = []
         budget = self.max_num_batched_tokens
         preempted_now = False
+        cap = self.max_num_seqs if max_seqs is None else max_seqs
 
         for req in list(self.running):
-            if budget <= 0:
+            if budget <= 0 or len(plan.chunks) >= cap:
                 break
-            if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+            if req.status != RequestStatus.RUNNING or req.request_id in exclude:  # preempted / in flight
                 continue
             n = req.num_tokens + req.num_pending - req.num_computed_tokens
             if n > budget and not self.chunked:
@@ -137,7 +150,10 @@ class Scheduler:
                 if in_flight:
                     plan.blocked = True
                     break
-                victim = self._victim()
+                victim = self._victim(exclude)
+                if victim is None:  # every other running request is in a step in flight
+                    plan.blocked = True
+                    break
                 for j, c in enumerate(plan.chunks):  # (priority policy) victim already scheduled
                     if c.request is victim:
                         budget += c.num_tokens
@@ -165,7 +181,7 @@ class Scheduler:
                 return plan
         self._held_steps = 0
         while (self.waiting and budget > 0 and not preempted_now and not plan.blocked
-               and len(self.running) < self.max_num_seqs):
+               and len(self.running) < self.max_num_seqs and len(plan.chunks) < cap):
             req = self._next_waiting()
             blocks, n_cached = self.kv.get_computed_blocks(req)
             n = req.num_tokens - n_cached
