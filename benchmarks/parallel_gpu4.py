@@ -18,7 +18,8 @@ Cases (each writes <out>/parallel_gpu4-<case>.json; all runs also go to <out>/pa
   dp4       reference model, sharegpt1000: DP=1 against DP=4 (target >= 3.7x)
   ppgraphs  pipeline stages as CUDA graphs (STRATA_PP_GRAPHS=1) against eager stages: Llama-3-70B TP=2 x PP=2
             (4 GPUs) or Llama-3-8B PP=2 (2 GPUs): float32 parity against TP=1 (4-layer cut), batch-1 latency
-            eager and with graphs, sharegpt1000 with graphs
+            eager and with graphs, sharegpt1000 with graphs, then with graphs and PP steps in flight at once
+            (STRATA_PP_BATCH_QUEUE=1)
 """
 from __future__ import annotations
 
@@ -110,6 +111,10 @@ def case_ppgraphs(base, args):
         res["graphs"] = pg.run_child({"kind": "combo", "path": d, "layout": lay, "ctx": ctx, "n_out": n_out,
                                       "env": graphs, **spec})
         runs += [{**r, "variant": "pp_graphs"} for r in _runs(model, lay, res["graphs"], "sharegpt1000")]
+        # and PP steps in flight at once (STRATA_PP_BATCH_QUEUE=1), on top of the graphs
+        res["graphs_queue"] = pg.run_child({"kind": "throughput", "path": d, "layout": lay,
+                                            "env": {**graphs, "STRATA_PP_BATCH_QUEUE": "1"}, **spec})
+        runs += [{**r, "variant": "pp_graphs_queue"} for r in _runs(model, lay, res["graphs_queue"], "sharegpt1000")]
     try:
         res["tpot_graphs_over_eager"] = round(res["graphs"]["latency"]["tpot_ms"] / res["eager"]["tpot_ms"], 3)
     except (KeyError, TypeError, ZeroDivisionError):
