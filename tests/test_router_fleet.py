@@ -133,7 +133,10 @@ def test_stream_resumes_through_several_deaths_with_usage(fleet):
     a = fleet.replica(fake_args=["--mode", "die-after:3"])
     b = fleet.replica(fake_args=["--mode", "die-after:7"])
     c = fleet.replica()
-    router = fleet.router(replicas=[a.url, b.url, c.url], args=["--policy", "round_robin"])
+    # a generous probe timeout: on a loaded 2-core machine 1 s /health probes of a and b can time out before the
+    # request, and the request then goes straight to c, with no failover to count
+    router = fleet.router(replicas=[a.url, b.url, c.url], config={"health": {"timeout_s": 10.0}},
+                          args=["--policy", "round_robin"])
     fleet.start(a, b, c, router)
     want = "".join(Replica.tokens(render_chat([{"role": "user", "content": "resume me"}]), 12))
     r = one(router.url, "resume me", max_tokens=12, stream=True, chat=True,
