@@ -44,11 +44,10 @@ def fused_moe(x, w13, w2, topk_weights, topk_ids):
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool):
     """Softmax over experts in fp32, top-k, optional renormalisation: (weights fp32 [T, k], ids [T, k])."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    w, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        w = w / w.sum(dim=-1, keepdim=True)
-    return w, ids
+    if ops.use_triton(router_logits):
+        from strata.ops.triton_kernels.fused_moe import select_experts as kernel
+        return kernel(router_logits, top_k, renormalize)
+    return moe_ref.select_experts(router_logits, top_k, renormalize)
 
 
 class FusedMoE(nn.Module):

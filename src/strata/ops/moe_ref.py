@@ -1,6 +1,7 @@
 """Torch twin of the fused MoE kernel (`strata.ops.triton_kernels.fused_moe`): same arguments, same result.
 
     fused_moe(x, w13, w2, topk_weights, topk_ids) -> [T, H]
+    select_experts(router_logits, top_k, renormalize) -> (topk_weights, topk_ids)   (twin of the routing kernel)
     x: [T, H]; w13: [E, 2I, H] (gate rows then up rows); w2: [E, H, I]
     topk_weights: [T, k] (any float dtype, applied in fp32); topk_ids: [T, k] int, ids outside [0, E) are skipped
     out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t])),  e = topk_ids[t, j]
@@ -22,6 +23,15 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
     order = order[: int(valid.sum())]
     counts = torch.bincount(flat[valid], minlength=num_experts)
     return order, counts
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    """Softmax over experts in fp32, top-k, optional renormalisation: (weights fp32 [T, k], ids int64 [T, k])."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    w, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w, ids
 
 
 def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One H200: the MoE decode path (alignment-free matrix-vector kernels + the routing kernel) against the sorted
+# grouped GEMM, kernel-level at Qwen3-30B-A3B shapes and end to end (batch-1 time per token of the model with
+# random weights, STRATA_MOE_DECODE=0 against 1, same call). Carry .carry/tok and .carry/workloads; TREE_COMMIT=sha.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src STRATA_HANG_DUMP_S=120
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+timeout 200 python3 benchmarks/moe_kernel.py --decode-ab --out "$OUT/moe_decode_ab.json" 2>&1 | tail -20
+for d in 0 1; do
+  STRATA_MOE_DECODE=$d timeout 170 python3 benchmarks/profile_gpu.py --model qwen3-30b-a3b --async-scheduling \
+    --skip sharegpt,seed64,mixed --out "$OUT/moe_e2e_decode$d" 2>&1 | grep "^b1\|rror"
+done
