@@ -131,6 +131,15 @@ def decode_ab(out_path: str) -> int:
                  "max_abs_diff": err}
             print(json.dumps(r), flush=True)
             rows.append(r)
+    for T in (1, 16, 256, 2048):  # the sorted path's alignment: two kernels against ~20 torch ops
+        ids = torch.softmax(torch.randn(T, E, device=dev), -1).topk(k)[1]
+        a, b = fm.moe_align(ids, E, 16), fm.moe_align_torch(ids, E, 16)
+        n = int(b[2])
+        same = bool(torch.equal(a[0][:n], b[0][:n]) and int(a[2]) == n)
+        r = {"align_tokens": T, "kernel_ms": round(graph_ms(lambda: fm.moe_align(ids, E, 16)), 4),
+             "torch_ms": round(graph_ms(lambda: fm.moe_align_torch(ids, E, 16)), 4), "equal": same}
+        print(json.dumps(r), flush=True)
+        rows.append(r)
     for T in (1, 16, 256):
         logits = torch.randn(T, E, device=dev).to(dt)
         wk, ik = fm.select_experts(logits, k, True)

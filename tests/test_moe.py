@@ -181,14 +181,33 @@ def test_select_experts_kernel_matches_twin(E, k, renorm, dtype):
 
 @pytest.mark.skipif(_TRITON_ERR is not None, reason=f"triton not importable: {_TRITON_ERR!r}")
 def test_moe_align_has_static_shapes():
-    """The alignment runs inside the decode CUDA graphs, so it must not read device data on the host. Ops whose
+    """The alignment's torch twin runs inside the decode CUDA graphs, so it must not read device data on the host. Ops whose
     output shape depends on the data (bincount, boolean masks, nonzero, .item()) have no meta kernel either, so
     running it on meta tensors catches them on a CPU (the bincount version failed graph capture on an H200)."""
-    from strata.ops.triton_kernels.fused_moe import moe_align
+    from strata.ops.triton_kernels.fused_moe import moe_align_torch
     ids = torch.empty(5, 8, dtype=torch.long, device="meta")
-    sorted_ids, block_expert, total, max_blocks = moe_align(ids, 128, 16)
+    sorted_ids, block_expert, total, max_blocks = moe_align_torch(ids, 128, 16)
     assert max_blocks == 3 + 128
     assert sorted_ids.shape == (max_blocks * 16,) and block_expert.shape == (max_blocks,) and total.shape == (1,)
+
+
+@pytest.mark.skipif(_TRITON_ERR is not None, reason=f"triton not importable: {_TRITON_ERR!r}")
+@pytest.mark.parametrize("T,E,k,block_m,dtype", [(1, 8, 2, 16, torch.int64), (37, 6, 3, 16, torch.int64),
+                                                 (50, 4, 2, 32, torch.int32), (3, 128, 8, 16, torch.int64)])
+def test_moe_align_kernel_matches_torch(T, E, k, block_m, dtype):
+    """The two-kernel alignment equals its torch twin where the GEMM reads: the first `total` sorted ids (a stable
+    sort, padded per expert with the sentinel) and the expert of each of those blocks; invalid ids left out."""
+    from strata.ops.triton_kernels.fused_moe import moe_align, moe_align_torch
+    g = torch.Generator().manual_seed(T * E)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(dtype)
+    if T > 2:
+        ids[0, 0], ids[2, 1] = -1, E  # invalid: skipped
+    got, want = moe_align(ids, E, block_m), moe_align_torch(ids, E, block_m)
+    assert got[3] == want[3] and got[0].shape == want[0].shape and got[1].shape == want[1].shape
+    total = int(want[2])
+    assert int(got[2]) == total
+    assert torch.equal(got[0][:total], want[0][:total])
+    assert torch.equal(got[1][:total // block_m], want[1][:total // block_m])
 
 
 def test_twin_matches_per_token_loop():

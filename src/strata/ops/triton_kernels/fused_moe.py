@@ -2,7 +2,7 @@
 
     x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_ids [T, k] -> [T, H]
 
-1. Align (torch, on the device, static shapes, no host sync: capturable in a CUDA graph): the T*k (token, choice) pairs are sorted by expert and each
+1. Align (two small kernels, static shapes, no host sync: capturable in a CUDA graph): the T*k (token, choice) pairs are sorted by expert and each
    expert's run is padded to a multiple of BLOCK_M with a sentinel, so every BLOCK_M-row block belongs to one
    expert (`block_expert`). The grid is sized by an upper bound (ceil(T*k / BLOCK_M) + E blocks); blocks past
    the padded total return at once.
@@ -68,8 +68,8 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, block_expert_p
              mask=row_ok[:, None] & n_ok[None, :])
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """(sorted pair ids [max_blocks * block_m], expert of each block [max_blocks], padded total [1], max_blocks).
+def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Twin of `moe_align` in torch ops (about 20 launches): (sorted pair ids [max_blocks * block_m], expert of each block [max_blocks], padded total [1], max_blocks).
 
     Static shapes and no host synchronisation (no bincount, no boolean indexing), so that it can be captured in
     a CUDA graph: invalid pairs sort last and are scattered into a spare slot that is cut off."""
@@ -96,6 +96,66 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     block_starts = torch.arange(max_blocks, device=dev) * block_m
     block_expert = torch.searchsorted(ends_pad, block_starts, right=True).clamp_(max=E - 1).to(torch.int32)
     total = ends_pad[-1:].to(torch.int32)
+    return sorted_ids, block_expert, total, max_blocks
+
+
+@triton.jit(do_not_specialize=["P"])
+def _moe_count_kernel(ids_ptr, counts_ptr, P, BLOCK: tl.constexpr):
+    e = tl.program_id(0)
+    n = tl.zeros((BLOCK,), dtype=tl.int32)
+    for p0 in range(0, P, BLOCK):
+        offs = p0 + tl.arange(0, BLOCK)
+        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
+        n += (ids == e).to(tl.int32)
+    tl.store(counts_ptr + e, tl.sum(n, axis=0))
+
+
+@triton.jit(do_not_specialize=["P"])
+def _moe_place_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, total_ptr, P, E,
+                      BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    e = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    start = tl.sum(tl.where(offs_e < e, padded, 0), axis=0)
+    mine = tl.sum(tl.where(offs_e == e, counts, 0), axis=0)
+    mine_padded = tl.sum(tl.where(offs_e == e, padded, 0), axis=0)
+    if e == 0:
+        tl.store(total_ptr, tl.sum(padded, axis=0))
+    seen = start * 0
+    for p0 in range(0, P, BLOCK):  # this expert's pairs, in pair order (a stable sort)
+        offs = p0 + tl.arange(0, BLOCK)
+        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
+        hit = (ids == e).to(tl.int32)
+        pos = start + seen + tl.cumsum(hit, axis=0) - 1
+        tl.store(sorted_ptr + pos, offs.to(tl.int32), mask=hit > 0)
+        seen += tl.sum(hit, axis=0)
+    pad = tl.arange(0, BLOCK_M)  # the padding of its last block: sentinel P
+    tl.store(sorted_ptr + start + mine + pad, tl.zeros((BLOCK_M,), dtype=tl.int32) + P, mask=pad < mine_padded - mine)
+    first = start // BLOCK_M
+    for b0 in range(0, mine_padded // BLOCK_M, BLOCK):
+        b = b0 + tl.arange(0, BLOCK)
+        tl.store(block_expert_ptr + first + b, tl.zeros((BLOCK,), dtype=tl.int32) + e, mask=b < mine_padded // BLOCK_M)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """(sorted pair ids [max_blocks * block_m], expert of each block [max_blocks], padded total [1], max_blocks).
+
+    Pairs sorted by expert (stable), each expert's run padded to a multiple of block_m with the sentinel P;
+    invalid ids are left out. Two kernels of one program per expert (count, then place), shapes fixed by
+    (P, E), no host synchronisation: it runs inside the decode CUDA graphs. Entries past `total` are not
+    written (the GEMM never reads them). Twin: `moe_align_torch`."""
+    flat = topk_ids.reshape(-1)
+    P, E, dev = flat.numel(), num_experts, flat.device
+    max_blocks = triton.cdiv(P, block_m) + E
+    sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    total = torch.empty(1, dtype=torch.int32, device=dev)
+    counts = torch.empty(E, dtype=torch.int32, device=dev)
+    block = min(1024, max(16, triton.next_power_of_2(P)))
+    _moe_count_kernel[(E,)](flat, counts, P, BLOCK=block, num_warps=4)
+    _moe_place_kernel[(E,)](flat, counts, sorted_ids, block_expert, total, P, E, BLOCK_M=block_m, BLOCK=block,
+                            BLOCK_E=triton.next_power_of_2(E), num_warps=4)
     return sorted_ids, block_expert, total, max_blocks
 
 
