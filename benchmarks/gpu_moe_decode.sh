@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One H200: the MoE decode path (alignment-free matrix-vector kernels + the routing kernel) against the sorted
 # grouped GEMM, kernel-level at Qwen3-30B-A3B shapes and end to end (batch-1 time per token of the model with
-# random weights, STRATA_MOE_DECODE=0 against 1, same call). Carry .carry/tok and .carry/workloads; TREE_COMMIT=sha.
+# random weights, STRATA_MOE_DECODE=0 -- the previous path: sorted GEMM always, alignment and routing in torch
+# ops -- against the default, same call). Carry .carry/tok and .carry/workloads; TREE_COMMIT=sha.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src STRATA_HANG_DUMP_S=120

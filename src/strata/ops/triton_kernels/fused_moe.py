@@ -195,7 +195,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     cfg = {**default_config(P, E), **(config or {})}
     block_m = cfg["block_m"]
     tiles = {n: cfg[n] for n in ("block_n", "block_k", "num_warps", "num_stages")}
-    sorted_ids, block_expert, total, max_blocks = moe_align(topk_ids, E, block_m)
+    align = moe_align_torch if legacy() else moe_align
+    sorted_ids, block_expert, total, max_blocks = align(topk_ids, E, block_m)
     weights = topk_weights.reshape(-1).contiguous()
     x = x.contiguous()
     c1 = torch.empty((P, two_i), dtype=x.dtype, device=x.device)  # [T*k, 2I] in pair order
@@ -267,9 +268,15 @@ def _moe_decode_down_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, H, I, E,
     tl.store(out_ptr + t * s_om + offs_n, total.to(out_ty), mask=n_ok)
 
 
+def legacy() -> bool:
+    """STRATA_MOE_DECODE=0: the path before the decode work, for A/B runs: always the sorted grouped GEMM, with
+    the alignment and the routing in torch ops."""
+    return os.environ.get("STRATA_MOE_DECODE", "1") == "0"
+
+
 def use_decode_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
-    """Whether `fused_moe` takes the alignment-free path (STRATA_MOE_DECODE=0 turns it off, for A/B runs)."""
-    if os.environ.get("STRATA_MOE_DECODE", "1") == "0":
+    """Whether `fused_moe` takes the alignment-free path (not under STRATA_MOE_DECODE=0)."""
+    if legacy():
         return False
     return num_tokens == 1 or 2 * num_tokens * top_k <= num_experts
 
