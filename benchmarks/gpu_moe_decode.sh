@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One H200: the MoE decode path (alignment-free matrix-vector kernels + the routing kernel) against the sorted
 # grouped GEMM, kernel-level at Qwen3-30B-A3B shapes and end to end (batch-1 time per token of the model with
-# random weights, STRATA_MOE_DECODE=0 -- the previous path: sorted GEMM always, alignment and routing in torch
+# random weights, batch 1 to 64, STRATA_MOE_DECODE=0 -- the previous path: sorted GEMM always, alignment and routing in torch
 # ops -- against the default, same call). Carry .carry/tok and .carry/workloads; TREE_COMMIT=sha.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -9,6 +9,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src STRATA_HANG_DUMP_S=120
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 200 python3 benchmarks/moe_kernel.py --decode-ab --out "$OUT/moe_decode_ab.json" 2>&1 | tail -20
 for d in 0 1; do
-  STRATA_MOE_DECODE=$d timeout 170 python3 benchmarks/profile_gpu.py --model qwen3-30b-a3b --async-scheduling \
-    --skip sharegpt,seed64,mixed --out "$OUT/moe_e2e_decode$d" 2>&1 | grep "^b1\|rror"
+  STRATA_MOE_DECODE=$d timeout 200 python3 -m strata.cli bench latency --model qwen3-30b-a3b --load-format dummy \
+    --tokenizer .carry/tok --max-model-len 4096 --input-len 1024 --output-len 64 --batch-sizes 1,4,16,64 \
+    --num-iters 3 --num-iters-warmup 1 --output-json "$OUT/moe_latency_decode$d.json" 2>&1 | tail -6
 done
