@@ -13,3 +13,11 @@ for d in 0 1; do
     --tokenizer .carry/tok --max-model-len 4096 --input-len 1024 --output-len 64 --batch-sizes 1,4,16,64 \
     --num-iters 3 --num-iters-warmup 1 --output-json "$OUT/moe_latency_decode$d.json" 2>&1 | tail -6
 done
+# Diagnostic for the TP=2 batch-1 target (2 GPUs are not lent this session): Llama-3-8B on one GPU, whole, and cut to
+# one TP=2 rank's widths (16 query / 4 KV heads, MLP 7168, vocab 64128: the GEMMs and kernels of one rank, no
+# all-reduce), so that the rank's compute time can be set against the 3.61 ms measured for TP=2 on 2 x H200.
+for ov in '{}' '{"num_attention_heads":16,"num_key_value_heads":4,"head_dim":128,"intermediate_size":7168,"vocab_size":64128}'; do
+  timeout 150 python3 -m strata.cli bench latency --model llama-3-8b --load-format dummy --tokenizer .carry/tok \
+    --max-model-len 4096 --input-len 1024 --output-len 128 --batch-sizes 1 --num-iters 5 --num-iters-warmup 1 \
+    --hf-overrides "$ov" --output-json "$OUT/llama8b_rank$( [ "$ov" = '{}' ] && echo tp1 || echo tp2half ).json" 2>&1 | tail -3
+done
