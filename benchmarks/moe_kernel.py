@@ -54,7 +54,10 @@ def main() -> int:
     ap.add_argument("--out", default="moe_kernel.json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--decode-ab", action="store_true")
+    ap.add_argument("--decode-sweep", action="store_true", help="tiles of the decode kernels, one kernel at a time")
     a = ap.parse_args()
+    if a.decode_sweep:
+        return decode_sweep(a.out)
     if a.decode_ab:
         return decode_ab(a.out)
     import torch
@@ -102,6 +105,59 @@ def main() -> int:
     with open(a.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                    "tree_commit": os.environ.get("TREE_COMMIT"), "rows": rows}, f, indent=1)
+    return 0
+
+
+def decode_sweep(out_path: str) -> int:
+    """Coordinate sweep of `fused_moe_decode`'s tiles: the up kernel's (bn, bk, warps) with the down kernel at its
+    default, then the down kernel's with the up kernel at its default. Each config's output is checked against the
+    default's first; the bandwidth counts the bytes of the pairs' experts (each pair reads its own)."""
+    import torch
+    from strata.ops.triton_kernels import fused_moe as fm
+    dev, dt = "cuda", torch.bfloat16
+    E, k, H = 128, 8, 2048
+    up_space = [{"up_bn": bn, "up_bk": bk, "up_warps": w} for bn in (8, 16, 32, 64) for bk in (128, 256, 512)
+                for w in (2, 4, 8)]
+    down_space = [{"down_bn": bn, "down_bk": bk, "down_warps": w} for bn in (4, 8, 16, 32) for bk in (64, 128, 256, 512)
+                  for w in (4, 8) if bn * bk * 8 <= 65536]
+    rows = []
+    for I in (768, 384, 192):
+        g = torch.Generator(device=dev).manual_seed(0)
+        w13 = (torch.randn(E, 2 * I, H, device=dev, generator=g) / H ** 0.5).to(dt)
+        w2 = (torch.randn(E, H, I, device=dev, generator=g) / I ** 0.5).to(dt)
+        for T in (1, 2, 4, 8):
+            x = torch.randn(T, H, device=dev, generator=g).to(dt)
+            w, ids = torch.softmax(torch.randn(T, E, device=dev, generator=g), -1).topk(k)
+            nbytes = T * k * 3 * I * H * 2
+            base = fm.fused_moe_decode(x, w13, w2, w, ids)
+            d_cfg = fm.decode_config(T, k, I, H, torch.cuda.get_device_properties(0).multi_processor_count)
+            d_ms = graph_ms(lambda: fm.fused_moe_decode(x, w13, w2, w, ids))
+            r = {"tokens": T, "expert_width": I, "default": d_cfg, "default_ms": round(d_ms, 4),
+                 "default_GBps": round(nbytes / d_ms / 1e6, 1)}
+            for part, space in (("up", up_space), ("down", down_space)):
+                best = (d_ms, {})
+                for cfg in space:
+                    try:
+                        out = fm.fused_moe_decode(x, w13, w2, w, ids, config=cfg)
+                        if not torch.allclose(out.float(), base.float(), atol=2e-2, rtol=2e-2):
+                            print("mismatch", T, I, cfg, flush=True)
+                            continue
+                        ms = graph_ms(lambda: fm.fused_moe_decode(x, w13, w2, w, ids, config=cfg))
+                    except Exception as e:  # noqa: BLE001 - a tile that does not fit
+                        print("failed", cfg, repr(e)[:120], flush=True)
+                        continue
+                    if ms < best[0]:
+                        best = (ms, cfg)
+                r[f"best_{part}_ms"] = round(best[0], 4)
+                r[f"best_{part}"] = best[1]
+            both = {**r["best_up"], **r["best_down"]}
+            r["both_ms"] = round(graph_ms(lambda: fm.fused_moe_decode(x, w13, w2, w, ids, config=both)), 4)
+            r["both_GBps"] = round(nbytes / r["both_ms"] / 1e6, 1)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    with open(out_path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                   "tree_commit": os.environ.get("TREE_COMMIT"), "mode": "decode-sweep", "rows": rows}, f, indent=1)
     return 0
 
 

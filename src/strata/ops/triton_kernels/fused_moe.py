@@ -242,30 +242,33 @@ def _moe_decode_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, I, H, E,
 @triton.jit
 def _moe_decode_down_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, H, I, E,
                             s_am, s_we, s_wn, s_wk, s_om,
-                            K_TOP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            K_TOP: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+    """One token's column block over all of its k pairs at once: [K_PAD, BLOCK_N, BLOCK_K] weight tiles, so that
+    each iteration has k experts' loads in flight."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < H
+    offs_j = tl.arange(0, K_PAD)
+    pair = t * K_TOP + offs_j
+    j_ok = offs_j < K_TOP
+    e = tl.load(ids_ptr + pair, mask=j_ok, other=-1).to(tl.int64)
+    valid = j_ok & (e >= 0) & (e < E)
+    e = tl.where(valid, e, 0)
+    wt = tl.where(valid, tl.load(wts_ptr + pair, mask=valid, other=0.0).to(tl.float32), 0.0)
+    width = tl.where(valid, I, 0)  # an invalid pair loads nothing
+    acc = tl.zeros((K_PAD, BLOCK_N), dtype=tl.float32)
+    w_rows = w_ptr + e[:, None, None] * s_we + offs_n[None, :, None] * s_wn  # [K_PAD, BN, 1]
+    for k0 in range(0, I, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k[None, :] < width[:, None]  # [K_PAD, BK]
+        a = tl.load(act_ptr + pair[:, None] * s_am + offs_k[None, :], mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + offs_k[None, None, :] * s_wk, mask=k_ok[:, None, :] & n_ok[None, :, None], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
     out_ty = out_ptr.dtype.element_ty
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in tl.static_range(K_TOP):
-        p = t * K_TOP + j
-        e = tl.load(ids_ptr + p).to(tl.int64)
-        valid = (e >= 0) & (e < E)
-        e = tl.where(valid, e, 0)
-        wt = tl.where(valid, tl.load(wts_ptr + p).to(tl.float32), 0.0)
-        width = tl.where(valid, I, 0)  # an invalid pair loads nothing
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < width
-            a = tl.load(act_ptr + p * s_am + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + e * s_we + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk,
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
-        total += wt * acc.to(out_ty).to(tl.float32)
-    tl.store(out_ptr + t * s_om + offs_n, total.to(out_ty), mask=n_ok)
+    y = acc.to(out_ty).to(tl.float32)  # each expert's output rounds as in the twin
+    tl.store(out_ptr + t * s_om + offs_n, tl.sum(wt[:, None] * y, axis=0).to(out_ty), mask=n_ok)
 
 
 def legacy() -> bool:
@@ -281,17 +284,26 @@ def use_decode_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
     return num_tokens == 1 or 2 * num_tokens * top_k <= num_experts
 
 
-def _block_n(rows: int, width: int, sms: int) -> int:
-    """Widest column block (64 down to 8) that still gives every SM two programs."""
-    for bn in (64, 32, 16):
-        if rows * triton.cdiv(width, bn) >= 2 * sms:
-            return bn
-    return 8
+def _block_n(rows: int, width: int, sms: int, widest: int = 64) -> int:
+    """Widest column block (`widest` down to 8) that still gives every SM two programs."""
+    bn = widest
+    while bn > 8 and rows * triton.cdiv(width, bn) < 2 * sms:
+        bn //= 2
+    return bn
+
+
+def decode_config(T: int, k: int, I: int, H: int, sms: int = 132) -> dict:
+    """Tiles of the two decode kernels (`benchmarks/moe_kernel.py --decode-sweep` measures others)."""
+    k_pad = triton.next_power_of_2(k)
+    down_bk = min(256, max(16, triton.next_power_of_2(I)))
+    return {"up_bn": _block_n(T * k, I, sms), "up_bk": min(256, max(16, triton.next_power_of_2(H))), "up_warps": 4,
+            "down_bn": _block_n(T, H, sms, widest=max(8, 4096 // (k_pad * down_bk) * 4)),
+            "down_bk": down_bk, "down_warps": 8}
 
 
 def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor) -> torch.Tensor:
-    """`fused_moe` for few tokens: the two matrix-vector kernels above, no alignment."""
+                     topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """`fused_moe` for few tokens: the two matrix-vector kernels above, no alignment. config: `decode_config`."""
     T, H = x.shape
     k = topk_ids.shape[1]
     E, two_i, _ = w13.shape
@@ -300,21 +312,18 @@ def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     if T == 0:
         return out
+    c = {**decode_config(T, k, I, H, num_sms(x.device)), **(config or {})}
     x = x.contiguous()
     ids = topk_ids.reshape(-1).contiguous()
     wts = topk_weights.reshape(-1).contiguous()
     act = torch.empty((P, I), dtype=x.dtype, device=x.device)
-    sms = num_sms(x.device)
-    bn = _block_n(P, I, sms)
-    bk = min(256, max(16, triton.next_power_of_2(H)))
-    _moe_decode_up_kernel[(P, triton.cdiv(I, bn))](
+    _moe_decode_up_kernel[(P, triton.cdiv(I, c["up_bn"]))](
         x, w13, ids, act, I, H, E, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0),
-        K_TOP=k, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
-    bn = _block_n(T, H, sms)
-    bk = min(256, max(16, triton.next_power_of_2(I)))
-    _moe_decode_down_kernel[(T, triton.cdiv(H, bn))](
+        K_TOP=k, BLOCK_N=c["up_bn"], BLOCK_K=c["up_bk"], num_warps=c["up_warps"])
+    _moe_decode_down_kernel[(T, triton.cdiv(H, c["down_bn"]))](
         act, w2, ids, wts, out, H, I, E, act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
-        K_TOP=k, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        K_TOP=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=c["down_bn"], BLOCK_K=c["down_bk"],
+        num_warps=c["down_warps"])
     return out
 
 
