@@ -130,7 +130,7 @@ def decode_sweep(out_path: str) -> int:
             w, ids = torch.softmax(torch.randn(T, E, device=dev, generator=g), -1).topk(k)
             nbytes = T * k * 3 * I * H * 2
             base = fm.fused_moe_decode(x, w13, w2, w, ids)
-            d_cfg = fm.decode_config(T, k, I, H, torch.cuda.get_device_properties(0).multi_processor_count)
+            d_cfg = fm.decode_config(I, H)
             d_ms = graph_ms(lambda: fm.fused_moe_decode(x, w13, w2, w, ids))
             r = {"tokens": T, "expert_width": I, "default": d_cfg, "default_ms": round(d_ms, 4),
                  "default_GBps": round(nbytes / d_ms / 1e6, 1)}

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from strata.ops.triton_kernels._utils import dot_precision, interpreting, mm, num_sms
+from strata.ops.triton_kernels._utils import dot_precision, interpreting, mm
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # T * top_k changes every step
@@ -284,21 +284,14 @@ def use_decode_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
     return num_tokens == 1 or 2 * num_tokens * top_k <= num_experts
 
 
-def _block_n(rows: int, width: int, sms: int, widest: int = 64) -> int:
-    """Widest column block (`widest` down to 8) that still gives every SM two programs."""
-    bn = widest
-    while bn > 8 and rows * triton.cdiv(width, bn) < 2 * sms:
-        bn //= 2
-    return bn
-
-
-def decode_config(T: int, k: int, I: int, H: int, sms: int = 132) -> dict:
-    """Tiles of the two decode kernels (`benchmarks/moe_kernel.py --decode-sweep` measures others)."""
-    k_pad = triton.next_power_of_2(k)
-    down_bk = min(256, max(16, triton.next_power_of_2(I)))
-    return {"up_bn": _block_n(T * k, I, sms), "up_bk": min(256, max(16, triton.next_power_of_2(H))), "up_warps": 4,
-            "down_bn": _block_n(T, H, sms, widest=max(8, 4096 // (k_pad * down_bk) * 4)),
-            "down_bk": down_bk, "down_warps": 8}
+def decode_config(I: int, H: int) -> dict:
+    """Tiles of the two decode kernels, from `benchmarks/moe_kernel.py --decode-sweep` on one H200 (2026-12-03,
+    128 experts, top-8, hidden 2048, expert width 768 / 384 / 192, 1-8 tokens): narrow, deep blocks won at every
+    shape, i.e. many programs each streaming long contiguous rows. The sweep's winners were within a few percent of
+    each other, so one rule per kernel; I: expert width on this rank, H: hidden size."""
+    return {"up_bn": 8, "up_bk": min(512, max(16, triton.next_power_of_2(H))), "up_warps": 2,
+            "down_bn": 8 if I >= 768 else 4, "down_bk": 256 if I >= 768 else 128 if I >= 384 else 64,
+            "down_warps": 4}
 
 
 def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -312,7 +305,7 @@ def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    c = {**decode_config(T, k, I, H, num_sms(x.device)), **(config or {})}
+    c = {**decode_config(I, H), **(config or {})}
     x = x.contiguous()
     ids = topk_ids.reshape(-1).contiguous()
     wts = topk_weights.reshape(-1).contiguous()
