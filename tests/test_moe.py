@@ -210,6 +210,28 @@ def test_moe_align_kernel_matches_torch(T, E, k, block_m, dtype):
     assert torch.equal(got[1][:total // block_m], want[1][:total // block_m])
 
 
+@pytest.mark.skipif(_TRITON_ERR is not None, reason=f"triton not importable: {_TRITON_ERR!r}")
+def test_tuned_config_table(tmp_path, monkeypatch):
+    """The sorted GEMM's tiles come from a per-(shape, GPU) table when one exists: nearest token count on a log
+    scale; no table, or no GPU name (CPU), gives None and the heuristic default is used."""
+    import json
+    from strata.ops.triton_kernels import fused_moe as fm
+    name = fm.config_file_name(128, 768, 2048, "NVIDIA H200")
+    assert name == "E=128,I=768,H=2048,device=NVIDIA_H200.json"
+    cfgs = {"16": {"block_m": 16}, "256": {"block_m": 32}, "4096": {"block_m": 64}}
+    (tmp_path / name).write_text(json.dumps({"configs": cfgs}))
+    monkeypatch.setenv("STRATA_MOE_CONFIG_DIR", str(tmp_path))
+    pick = lambda T: fm.tuned_config(T, 128, 768, 2048, "NVIDIA H200")  # noqa: E731
+    assert pick(1) == {"block_m": 16} and pick(60) == {"block_m": 16} and pick(70) == {"block_m": 32}
+    assert pick(1000) == {"block_m": 32} and pick(1100) == {"block_m": 64} and pick(10 ** 6) == {"block_m": 64}
+    assert fm.tuned_config(16, 128, 384, 2048, "NVIDIA H200") is None  # another shape
+    assert fm.tuned_config(16, 128, 768, 2048, None) is None  # not on a GPU
+    for f in os.listdir(fm.CONFIG_DIR):  # the shipped tables parse and name real tiles
+        if f.endswith(".json"):
+            for c in fm._load_tuned(os.path.join(fm.CONFIG_DIR, f)).values():
+                assert set(c) <= {"block_m", "block_n", "block_k", "num_warps", "num_stages"} and c["block_m"] >= 16
+
+
 def test_twin_matches_per_token_loop():
     """The twin against the plain definition (one token, one choice at a time)."""
     x, w13, w2, w, ids = _case(9, 32, 16, 4, 2, torch.float32)

@@ -25,6 +25,9 @@ kernel too; its twin is `strata.ops.moe_ref.select_experts`.
 """
 from __future__ import annotations
 
+import functools
+import json
+import math
 import os
 
 import torch
@@ -174,10 +177,43 @@ def _gemm(a, w, c, weights, sorted_ids, block_expert, total, max_blocks, num_pai
 
 
 def default_config(num_pairs: int, num_experts: int) -> dict:
-    """Tile sizes by rows per expert (the only heuristic so far; `benchmarks/moe_kernel.py` sweeps others)."""
+    """Tile sizes by rows per expert, where no tuned table covers the shape (see `tuned_config`)."""
     per_expert = num_pairs / num_experts
     return {"block_m": 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64, "block_n": 64, "block_k": 64,
             "num_warps": 4, "num_stages": None}
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_configs")
+
+
+def config_file_name(E: int, I: int, H: int, device_name: str) -> str:
+    """Tuned tiles of one expert shape on one GPU model: `E=128,I=768,H=2048,device=NVIDIA_H200.json`."""
+    return f"E={E},I={I},H={H},device={device_name.replace(' ', '_')}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_tuned(path: str) -> dict[int, dict] | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return {int(t): c for t, c in json.load(f)["configs"].items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def tuned_config(T: int, E: int, I: int, H: int, device_name: str | None) -> dict | None:
+    """The tiles `benchmarks/moe_kernel.py --tune` measured best for the token count nearest T (log scale), from
+    `moe_configs/` (or $STRATA_MOE_CONFIG_DIR), for this expert shape and GPU model; None if there is no table."""
+    if device_name is None:
+        return None
+    table = _load_tuned(os.path.join(os.environ.get("STRATA_MOE_CONFIG_DIR") or CONFIG_DIR,
+                                     config_file_name(E, I, H, device_name)))
+    if not table:
+        return None
+    return table[min(table, key=lambda t: (abs(math.log(t) - math.log(max(T, 1))), t))]
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -192,7 +228,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    cfg = {**default_config(P, E), **(config or {})}
+    if config is None:
+        name = _device_name(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+            if x.is_cuda else None
+        config = tuned_config(T, E, two_i // 2, H, name) or {}
+    cfg = {**default_config(P, E), **config}
     block_m = cfg["block_m"]
     tiles = {n: cfg[n] for n in ("block_n", "block_k", "num_warps", "num_stages")}
     align = moe_align_torch if legacy() else moe_align
