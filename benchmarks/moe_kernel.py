@@ -57,12 +57,14 @@ def main() -> int:
     ap.add_argument("--decode-sweep", action="store_true", help="tiles of the decode kernels, one kernel at a time")
     ap.add_argument("--tune", metavar="DIR", help="sweep the sorted grouped GEMM's tiles per token count and write "
                     "the table the kernel reads (moe_configs/E=..,I=..,H=..,device=...json) into DIR")
-    ap.add_argument("--tune-widths", default="768", help="expert widths to tune (768 / TP)")
+    ap.add_argument("--tune-shapes", default="128x768",
+                    help="EXPERTSxWIDTH of one rank's experts: 128x768 (TP=1), 128x384 / 128x192 (experts TP-sharded "
+                         "over 2 / 4), 64x768 / 32x768 (expert parallel over 2 / 4)")
     ap.add_argument("--tune-tokens", default="16,64,256,1024,4096")
     a = ap.parse_args()
     if a.tune:
-        return tune(a.tune, [int(w) for w in a.tune_widths.split(",")], [int(t) for t in a.tune_tokens.split(",")],
-                    a.out)
+        return tune(a.tune, [tuple(int(v) for v in x.split("x")) for x in a.tune_shapes.split(",")],
+                    [int(t) for t in a.tune_tokens.split(",")], a.out)
     if a.decode_sweep:
         return decode_sweep(a.out)
     if a.decode_ab:
@@ -115,26 +117,28 @@ def main() -> int:
     return 0
 
 
-def tune(out_dir: str, widths: list[int], tokens: list[int], out_path: str) -> int:
+def tune(out_dir: str, shapes: list[tuple[int, int]], tokens: list[int], out_path: str) -> int:
     """Per token count: every tile config of a pruned space, output checked against the default's, timed in a
-    CUDA graph; the fastest goes into the table. Qwen3-30B-A3B's experts: 128, top-8, hidden 2048."""
+    CUDA graph; the fastest goes into the table. Qwen3-30B-A3B's experts (top-8 of 128, hidden 2048), as one rank
+    holds them: (experts, width) per shape; under expert parallelism the other ranks' pairs are routed to -1."""
     import torch
     from strata.ops.triton_kernels import fused_moe as fm
     dev, dt = "cuda", torch.bfloat16
-    E, k, H = 128, 8, 2048
+    k, H, E_all = 8, 2048, 128
     space = [{"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns}
              for bm in (16, 32, 64, 128) for bn in (64, 128) for bk in (64, 128) for nw in (4, 8) for ns in (3, 4)]
     os.makedirs(out_dir, exist_ok=True)
     rows = []
-    for I in widths:
+    for E, I in shapes:
         g = torch.Generator(device=dev).manual_seed(0)
         w13 = (torch.randn(E, 2 * I, H, device=dev, generator=g) / H ** 0.5).to(dt)
         w2 = (torch.randn(E, H, I, device=dev, generator=g) / I ** 0.5).to(dt)
         table = {}
         for T in tokens:
             x = torch.randn(T, H, device=dev, generator=g).to(dt)
-            w, ids = torch.softmax(torch.randn(T, E, device=dev, generator=g), -1).topk(k)
-            per_expert = T * k / E
+            w, ids = torch.softmax(torch.randn(T, E_all, device=dev, generator=g), -1).topk(k)
+            ids = torch.where(ids < E, ids, -1)  # rank 0 of E_all / E expert-parallel ranks
+            per_expert = T * k / E_all
             base = fm.fused_moe(x, w13, w2, w, ids, config={})
             reps = 20 if T <= 256 else 5
             d_ms = graph_ms(lambda: fm.fused_moe(x, w13, w2, w, ids, config={}), reps)
@@ -152,7 +156,7 @@ def tune(out_dir: str, widths: list[int], tokens: list[int], out_path: str) -> i
                 if ms < best[0]:
                     best = (ms, cfg)
             table[str(T)] = best[1]
-            r = {"tokens": T, "expert_width": I, "default_ms": round(d_ms, 4), "best_ms": round(best[0], 4),
+            r = {"tokens": T, "experts": E, "expert_width": I, "default_ms": round(d_ms, 4), "best_ms": round(best[0], 4),
                  "speedup": round(d_ms / best[0], 3), "best": best[1]}
             print(json.dumps(r), flush=True)
             rows.append(r)
@@ -162,9 +166,10 @@ def tune(out_dir: str, widths: list[int], tokens: list[int], out_path: str) -> i
                        "tree_commit": os.environ.get("TREE_COMMIT"),
                        "command": "python benchmarks/moe_kernel.py --tune", "top_k": k}, f, indent=1)
         print("wrote", name, flush=True)
-    with open(out_path, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                   "tree_commit": os.environ.get("TREE_COMMIT"), "mode": "tune", "rows": rows}, f, indent=1)
+        with open(out_path, "w") as f:  # after every shape: a run cut short keeps what it measured
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "date": time.strftime("%Y-%m-%d"), "tree_commit": os.environ.get("TREE_COMMIT"), "mode": "tune",
+                       "rows": rows}, f, indent=1)
     return 0
 
 
