@@ -85,12 +85,14 @@ def test_benchmark_record_formats_are_read(tmp_path):
                                                "total_output_tokens": 5120, "request_throughput": 1.27,
                                                "mean_e2el_ms": 569, "output_throughput": 163,
                                                "mean_tpot_ms": 4.19, "mean_ttft_ms": 35.9}}}
-    for name, rec in (("lat", lat), ("thr", thr), ("serve", serve),
+    cut = {**lat, "model": {"arch": "llama-3-8b", "hf_overrides": '{"num_attention_heads": 16}'}}  # not llama-3-8b
+    for name, rec in (("lat", lat), ("thr", thr), ("serve", serve), ("cut", cut),
                       ("k", {"benchmark": "kernels", "device": "NVIDIA H200"})):
         (tmp_path / f"{name}.json").write_text(json.dumps(rec))
     runs, skipped, n = load_runs(str(tmp_path))
     by = {r.workload_name: r for r in runs}
-    assert n == 4 and len(runs) == 4 and len(skipped) == 1 and "kernel" in skipped[0]
+    assert n == 5 and len(runs) == 4 and len(skipped) == 2
+    assert any("hf-overrides" in s for s in skipped) and any("kernel" in s for s in skipped)
     assert by["latency-b8"].workload.concurrency == 8 and "ttft_ms" in by["latency-b8"].not_compared
     assert by["latency-b1"].measured == {"output_tok_s": 271, "tpot_ms": 3.5, "ttft_ms": 21.7}
     assert (by["seed64"].workload.prompt_len, by["seed64"].workload.concurrency) == (436, 64)

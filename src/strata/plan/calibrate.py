@@ -296,6 +296,9 @@ def expand_file(data) -> list[tuple[str, dict | str]]:
     if not isinstance(data, dict):
         return [("", "a results file must hold a JSON object or a list")]
     kind = data.get("benchmark")
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("hf_overrides") not in (None, {}, "", "{}"):
+        return [("", f"--hf-overrides {model['hf_overrides']} changes the architecture the record names")]
     if kind == "throughput" and isinstance(data.get("strata"), dict):
         return _bench_throughput(data)
     if kind == "latency" and isinstance(data.get("results"), dict):
