@@ -193,7 +193,8 @@ def test_moe_align_has_static_shapes():
 
 @pytest.mark.skipif(_TRITON_ERR is not None, reason=f"triton not importable: {_TRITON_ERR!r}")
 @pytest.mark.parametrize("T,E,k,block_m,dtype", [(1, 8, 2, 16, torch.int64), (37, 6, 3, 16, torch.int64),
-                                                 (50, 4, 2, 32, torch.int32), (3, 128, 8, 16, torch.int64)])
+                                                 (50, 4, 2, 32, torch.int32), (3, 128, 8, 16, torch.int64),
+                                                 (300, 6, 4, 16, torch.int64)])  # 1,200 pairs: two 1,024-pair chunks
 def test_moe_align_kernel_matches_torch(T, E, k, block_m, dtype):
     """The two-kernel alignment equals its torch twin where the GEMM reads: the first `total` sorted ids (a stable
     sort, padded per expert with the sentinel) and the expert of each of those blocks; invalid ids left out."""
