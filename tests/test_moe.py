@@ -146,9 +146,9 @@ def test_fused_moe_decode_path_matches_twin(T, H, I, E, k, dtype, monkeypatch):
     assert fm.use_decode_path(T, k, E)
     calls, real = [], fm.fused_moe_decode
 
-    def spy(*a):
+    def spy(*a, **kw):
         calls.append(1)
-        return real(*a)
+        return real(*a, **kw)
 
     monkeypatch.setattr(fm, "fused_moe_decode", spy)
     got = fm.fused_moe(x, w13, w2, w, ids)
@@ -231,6 +231,29 @@ def test_tuned_config_table(tmp_path, monkeypatch):
         if f.endswith(".json"):
             for c in fm._load_tuned(os.path.join(fm.CONFIG_DIR, f)).values():
                 assert set(c) <= {"block_m", "block_n", "block_k", "num_warps", "num_stages"} and c["block_m"] >= 16
+
+
+@pytest.mark.skipif(_TRITON_ERR is not None, reason=f"triton not importable: {_TRITON_ERR!r}")
+@pytest.mark.parametrize("T,path", [(1, "decode"), (2, "decode"), (40, "sorted")])
+def test_expert_offset_selects_this_ranks_experts(T, path):
+    """Expert parallelism: ids are global (two ranks of E experts here) and a rank holding experts [E, 2E) passes
+    expert_offset=E; its result equals the twin on the ids made local (others -1), on both kernel paths, and
+    the alignment kernel equals its twin with the same offset."""
+    from strata.ops.triton_kernels import fused_moe as fm
+    H, I, E, k = 32, 16, 8, 2
+    x, w13, w2, w, _ = _case(T, H, I, E, k, torch.float32, seed=T)
+    g = torch.Generator().manual_seed(100 + T)
+    ids = torch.stack([torch.randperm(2 * E, generator=g)[:k] for _ in range(T)])  # global, over both ranks
+    local = torch.where(ids >= E, ids - E, -1)
+    want = moe_ref.fused_moe(x, w13, w2, w, local)
+    torch.testing.assert_close(moe_ref.fused_moe(x, w13, w2, w, ids, expert_offset=E), want)
+    config = {} if path == "sorted" else None  # a config forces the sorted path
+    assert (path == "decode") == (config is None and fm.use_decode_path(T, k, E))
+    got = fm.fused_moe(x, w13, w2, w, ids, config=config, expert_offset=E)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    a, b = fm.moe_align(ids, E, 16, expert_offset=E), fm.moe_align_torch(ids, E, 16, expert_offset=E)
+    n = int(b[2])
+    assert int(a[2]) == n and torch.equal(a[0][:n], b[0][:n]) and torch.equal(a[1][:n // 16], b[1][:n // 16])
 
 
 def test_twin_matches_per_token_loop():

@@ -35,11 +35,11 @@ from strata.ops import moe_ref
 from strata.parallel import state as ps
 
 
-def fused_moe(x, w13, w2, topk_weights, topk_ids):
+def fused_moe(x, w13, w2, topk_weights, topk_ids, expert_offset: int = 0):
     if ops.use_triton(x):
         from strata.ops.triton_kernels.fused_moe import fused_moe as kernel
-        return kernel(x, w13, w2, topk_weights, topk_ids)
-    return moe_ref.fused_moe(x, w13, w2, topk_weights, topk_ids)
+        return kernel(x, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset)
+    return moe_ref.fused_moe(x, w13, w2, topk_weights, topk_ids, expert_offset)
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool):
@@ -120,10 +120,9 @@ class FusedMoE(nn.Module):
             out = fused_moe(hidden, self.w13, self.w2, w, ids)
             return ps.all_reduce(out, self.tp)
         if self.dispatch == "all_reduce":
-            # this rank's experts only: ids of other ranks' experts fall outside [0, E_local) and are skipped
-            local = ids - self.expert_start
-            local = torch.where((local >= 0) & (local < self.local_experts), local, -1)
-            return ps.all_reduce(fused_moe(hidden, self.w13, self.w2, w, local), self.tp)  # same ranks as ep
+            # this rank's experts only: the kernels skip ids outside [expert_start, expert_start + E_local)
+            out = fused_moe(hidden, self.w13, self.w2, w, ids, expert_offset=self.expert_start)
+            return ps.all_reduce(out, self.tp)  # same ranks as ep
         return self._forward_ep(hidden, w, ids)
 
     def _forward_ep(self, hidden: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@
     select_experts(router_logits, top_k, renormalize) -> (topk_weights, topk_ids)   (twin of the routing kernel)
     x: [T, H]; w13: [E, 2I, H] (gate rows then up rows); w2: [E, H, I]
     topk_weights: [T, k] (any float dtype, applied in fp32); topk_ids: [T, k] int, ids outside [0, E) are skipped
+    (with expert_offset=o, ids outside [o, o + E): an expert-parallel rank's share)
     out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t])),  e = topk_ids[t, j]
 
 Each expert's GEMMs run in the input dtype (as the model's linears do); the weighted sum over the k choices is
@@ -41,7 +42,10 @@ def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Te
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, expert_offset: int = 0) -> torch.Tensor:
+    """expert_offset: topk_ids are global ids and w13 / w2 hold experts [offset, offset + E); others skipped."""
+    if expert_offset:
+        topk_ids = topk_ids - expert_offset
     T, H = x.shape
     k = topk_ids.shape[1]
     E = w13.shape[0]

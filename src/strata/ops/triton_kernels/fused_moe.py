@@ -71,12 +71,12 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, block_expert_p
              mask=row_ok[:, None] & n_ok[None, :])
 
 
-def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_offset: int = 0):
     """Twin of `moe_align` in torch ops (about 20 launches): (sorted pair ids [max_blocks * block_m], expert of each block [max_blocks], padded total [1], max_blocks).
 
     Static shapes and no host synchronisation (no bincount, no boolean indexing), so that it can be captured in
     a CUDA graph: invalid pairs sort last and are scattered into a spare slot that is cut off."""
-    flat = topk_ids.reshape(-1).long()
+    flat = topk_ids.reshape(-1).long() - expert_offset
     P = flat.numel()
     E = num_experts
     dev = flat.device
@@ -103,18 +103,18 @@ def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 
 
 @triton.jit(do_not_specialize=["P"])
-def _moe_count_kernel(ids_ptr, counts_ptr, P, BLOCK: tl.constexpr):
+def _moe_count_kernel(ids_ptr, counts_ptr, P, offset, BLOCK: tl.constexpr):
     e = tl.program_id(0)
     n = tl.zeros((BLOCK,), dtype=tl.int32)
     for p0 in range(0, P, BLOCK):
         offs = p0 + tl.arange(0, BLOCK)
-        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
-        n += (ids == e).to(tl.int32)
+        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1) - offset
+        n += ((ids == e) & (offs < P)).to(tl.int32)
     tl.store(counts_ptr + e, tl.sum(n, axis=0))
 
 
 @triton.jit(do_not_specialize=["P"])
-def _moe_place_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, total_ptr, P, E,
+def _moe_place_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, total_ptr, P, E, offset,
                       BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
     e = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
@@ -128,8 +128,8 @@ def _moe_place_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, total_p
     seen = start * 0
     for p0 in range(0, P, BLOCK):  # this expert's pairs, in pair order (a stable sort)
         offs = p0 + tl.arange(0, BLOCK)
-        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
-        hit = (ids == e).to(tl.int32)
+        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1) - offset
+        hit = ((ids == e) & (offs < P)).to(tl.int32)
         pos = start + seen + tl.cumsum(hit, axis=0) - 1
         tl.store(sorted_ptr + pos, offs.to(tl.int32), mask=hit > 0)
         seen += tl.sum(hit, axis=0)
@@ -141,11 +141,11 @@ def _moe_place_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, total_p
         tl.store(block_expert_ptr + first + b, tl.zeros((BLOCK,), dtype=tl.int32) + e, mask=b < mine_padded // BLOCK_M)
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_offset: int = 0):
     """(sorted pair ids [max_blocks * block_m], expert of each block [max_blocks], padded total [1], max_blocks).
 
     Pairs sorted by expert (stable), each expert's run padded to a multiple of block_m with the sentinel P;
-    invalid ids are left out. Two kernels of one program per expert (count, then place), shapes fixed by
+    invalid ids are left out. expert_offset: ids are global, this rank holds experts [offset, offset + E). Two kernels of one program per expert (count, then place), shapes fixed by
     (P, E), no host synchronisation: it runs inside the decode CUDA graphs. Entries past `total` are not
     written (the GEMM never reads them). Twin: `moe_align_torch`."""
     flat = topk_ids.reshape(-1)
@@ -156,8 +156,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     total = torch.empty(1, dtype=torch.int32, device=dev)
     counts = torch.empty(E, dtype=torch.int32, device=dev)
     block = min(1024, max(16, triton.next_power_of_2(P)))
-    _moe_count_kernel[(E,)](flat, counts, P, BLOCK=block, num_warps=4)
-    _moe_place_kernel[(E,)](flat, counts, sorted_ids, block_expert, total, P, E, BLOCK_M=block_m, BLOCK=block,
+    _moe_count_kernel[(E,)](flat, counts, P, expert_offset, BLOCK=block, num_warps=4)
+    _moe_place_kernel[(E,)](flat, counts, sorted_ids, block_expert, total, P, E, expert_offset, BLOCK_M=block_m,
+                            BLOCK=block,
                             BLOCK_E=triton.next_power_of_2(E), num_warps=4)
     return sorted_ids, block_expert, total, max_blocks
 
@@ -217,14 +218,16 @@ def tuned_config(T: int, E: int, I: int, H: int, device_name: str | None) -> dic
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    """config: tile sizes ({block_m, block_n, block_k, num_warps, num_stages}; default `default_config`)."""
+              topk_ids: torch.Tensor, config: dict | None = None, expert_offset: int = 0) -> torch.Tensor:
+    """config: tile sizes ({block_m, block_n, block_k, num_warps, num_stages}; default `default_config`).
+    expert_offset: topk_ids are global and w13 / w2 hold experts [offset, offset + E) (expert parallelism);
+    pairs routed elsewhere are skipped, as ids outside [0, E) are without an offset."""
     T, H = x.shape
     k = topk_ids.shape[1]
     E, two_i, _ = w13.shape
     P = T * k
     if config is None and use_decode_path(T, k, E):
-        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids)
+        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset)
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     if T == 0:
         return out
@@ -236,7 +239,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     block_m = cfg["block_m"]
     tiles = {n: cfg[n] for n in ("block_n", "block_k", "num_warps", "num_stages")}
     align = moe_align_torch if legacy() else moe_align
-    sorted_ids, block_expert, total, max_blocks = align(topk_ids, E, block_m)
+    sorted_ids, block_expert, total, max_blocks = align(topk_ids, E, block_m, expert_offset)
     weights = topk_weights.reshape(-1).contiguous()
     x = x.contiguous()
     c1 = torch.empty((P, two_i), dtype=x.dtype, device=x.device)  # [T*k, 2I] in pair order
@@ -250,12 +253,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
 # ---------------------------------------------------------------------------------------------- decode path
 @triton.jit
-def _moe_decode_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, I, H, E,
+def _moe_decode_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, I, H, E, offset,
                           s_xm, s_we, s_wn, s_wk, s_am,
                           K_TOP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(ids_ptr + p).to(tl.int64)
+    e = tl.load(ids_ptr + p).to(tl.int64) - offset
     if (e < 0) | (e >= E):  # another rank's expert, or none: act[p] is never read
         return
     row = p // K_TOP
@@ -280,7 +283,7 @@ def _moe_decode_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, I, H, E,
 
 
 @triton.jit
-def _moe_decode_down_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, H, I, E,
+def _moe_decode_down_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, H, I, E, offset,
                             s_am, s_we, s_wn, s_wk, s_om,
                             K_TOP: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr):
@@ -293,7 +296,7 @@ def _moe_decode_down_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, H, I, E,
     offs_j = tl.arange(0, K_PAD)
     pair = t * K_TOP + offs_j
     j_ok = offs_j < K_TOP
-    e = tl.load(ids_ptr + pair, mask=j_ok, other=-1).to(tl.int64)
+    e = tl.load(ids_ptr + pair, mask=j_ok, other=-1).to(tl.int64) - offset
     valid = j_ok & (e >= 0) & (e < E)
     e = tl.where(valid, e, 0)
     wt = tl.where(valid, tl.load(wts_ptr + pair, mask=valid, other=0.0).to(tl.float32), 0.0)
@@ -335,7 +338,7 @@ def decode_config(I: int, H: int) -> dict:
 
 
 def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+                     topk_ids: torch.Tensor, config: dict | None = None, expert_offset: int = 0) -> torch.Tensor:
     """`fused_moe` for few tokens: the two matrix-vector kernels above, no alignment. config: `decode_config`."""
     T, H = x.shape
     k = topk_ids.shape[1]
@@ -351,10 +354,10 @@ def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     wts = topk_weights.reshape(-1).contiguous()
     act = torch.empty((P, I), dtype=x.dtype, device=x.device)
     _moe_decode_up_kernel[(P, triton.cdiv(I, c["up_bn"]))](
-        x, w13, ids, act, I, H, E, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0),
+        x, w13, ids, act, I, H, E, expert_offset, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0),
         K_TOP=k, BLOCK_N=c["up_bn"], BLOCK_K=c["up_bk"], num_warps=c["up_warps"])
     _moe_decode_down_kernel[(T, triton.cdiv(H, c["down_bn"]))](
-        act, w2, ids, wts, out, H, I, E, act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
+        act, w2, ids, wts, out, H, I, E, expert_offset, act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
         K_TOP=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=c["down_bn"], BLOCK_K=c["down_bk"],
         num_warps=c["down_warps"])
     return out
