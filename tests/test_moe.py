@@ -56,22 +56,42 @@ def test_moe_logits_match_transformers(which, request):
     assert toks == ref.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("which,kw", [
-    ("qwen3_moe", dict(tensor_parallel_size=2, enable_expert_parallel=True)),  # all-reduce of partial outputs
-    ("qwen3_moe", dict(tensor_parallel_size=2, enable_expert_parallel=True, expert_parallel_dispatch="all_to_all")),
-    ("mixtral", dict(tensor_parallel_size=2)),
+@pytest.mark.parametrize("which,kw,triton_kernels", [
+    ("qwen3_moe", dict(tensor_parallel_size=2, enable_expert_parallel=True), False),  # all-reduce of partial outputs
+    ("qwen3_moe", dict(tensor_parallel_size=2, enable_expert_parallel=True, expert_parallel_dispatch="all_to_all"),
+     False),
+    ("mixtral", dict(tensor_parallel_size=2), False),
+    # the ranks on the Triton kernels (interpreted): routing kernel, and each rank's experts picked by expert_offset
+    # in the alignment and the decode kernels
+    ("qwen3_moe", dict(tensor_parallel_size=2, enable_expert_parallel=True, max_num_seqs=1), True),
 ])
-def test_parallel_experts_match_single_process(which, kw, request):
+def test_parallel_experts_match_single_process(which, kw, triton_kernels, request, monkeypatch):
     path, _ = request.getfixturevalue(which)
-    ref_tokens, ref_logits = run_greedy(LLMEngine.from_engine_args(engine_args(path)), prompts())
+    same = {k: v for k, v in kw.items() if k == "max_num_seqs"}  # the same batches, so logits come in one order
+    ps_, steps = (prompts()[:2], 4) if triton_kernels else (prompts(), 8)  # the interpreter is slow
+    ref_tokens, ref_logits = run_greedy(LLMEngine.from_engine_args(engine_args(path, **same)), ps_, steps)
+    offsets = []
+    if triton_kernels:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("needs triton in interpreter mode")
+        monkeypatch.setenv("STRATA_FORCE_TRITON", "1")  # inherited by the worker process
+        from strata.ops.triton_kernels import fused_moe as fm
+        real = fm.fused_moe_decode
+
+        def spy(*a, **k):  # the driver is rank 0 and runs its share of the model in this process
+            offsets.append(k.get("expert_offset"))
+            return real(*a, **k)
+        monkeypatch.setattr(fm, "fused_moe_decode", spy)
     engine = LLMEngine.from_engine_args(engine_args(path, **kw))
     try:
-        tokens, logits = run_greedy(engine, prompts())
+        tokens, logits = run_greedy(engine, ps_, steps)
         mem = engine.runner.collective_rpc("memory")
     finally:
         engine.shutdown()
     assert tokens == ref_tokens
     torch.testing.assert_close(logits, ref_logits, **TOL)
+    if triton_kernels:
+        assert offsets and set(offsets) == {0}  # rank 0: experts [0, 4) of 8 (rank 1, offset 4, is in the logits)
     if kw.get("enable_expert_parallel"):  # each rank holds half of the experts, whole
         assert engine.runner.model.layers["0"].experts.w13.shape[0] == 4
         assert engine.runner.model.layers["0"].experts.dispatch == kw.get("expert_parallel_dispatch", "all_reduce")
