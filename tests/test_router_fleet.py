@@ -60,6 +60,7 @@ def test_serves_openai_api_and_fleet_views(fleet):
     reps = [fleet.replica() for _ in range(3)]
     router = fleet.router(replicas=[f"{r.url}@local" for r in reps], args=["--region", "local"])
     fleet.start(*reps, router)
+    router.wait_all_healthy()
     base = router.url
 
     u = one(base, "hello there", max_tokens=6)
@@ -264,6 +265,8 @@ def test_cache_aware_beats_round_robin_on_prefix_hits(fleet):
     rr = fleet.router(replicas=[r.url for r in reps], args=["--policy", "round_robin"])
     ca = fleet.router(replicas=[r.url for r in reps], args=["--policy", "cache_aware"])
     fleet.start(*reps, rr, ca)
+    rr.wait_all_healthy()
+    ca.wait_all_healthy()
 
     def hit_rate(router, tag):
         rng = random.Random(7)
@@ -294,10 +297,11 @@ def _served(base, region, n=4):
 
 def test_regions_stay_local_spill_by_rtt_and_come_back(fleet):
     rs = {g: fleet.replica() for g in ("us", "eu", "ap")}
-    router = fleet.router(config={"region": "us", "policy": "region_aware",
+    router = fleet.router(config={"region": "us", "policy": "region_aware", "health": {"timeout_s": 5.0},
                                   "regions": {"us": {"eu": 80, "ap": 200}, "eu": {"ap": 120}, "ap": {}},
                                   "replicas": [{"url": r.url, "region": g} for g, r in rs.items()]})
     fleet.start(*rs.values(), router)
+    router.wait_all_healthy()
     for g in rs:
         assert _served(router.url, g) == {g}
     assert one(router.url, "no header", max_tokens=2)["region"] == "us"      # the router's own region

@@ -210,6 +210,11 @@ class RouterProc(Proc):
         return httpx.get(self.url + "/admin/fleet", headers={"Authorization": f"Bearer {ROUTER_KEY}"},
                          timeout=5).json()
 
+    def wait_all_healthy(self, timeout: float = 20.0) -> None:
+        """Until every replica the router knows passes its probes (a loaded 2-core machine can fail a first probe
+        of a replica that has just started, and a test that asserts where traffic goes must not start then)."""
+        self.wait_for(lambda: all(r["healthy"] for r in self.fleet()["replicas"]), timeout, "all replicas healthy")
+
     def replica_state(self, name: str) -> dict:
         for r in self.fleet()["replicas"]:
             if r["url"].endswith(name):
