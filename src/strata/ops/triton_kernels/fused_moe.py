@@ -8,7 +8,7 @@
    the padded total return at once.
 2. GEMM 1: each program multiplies BLOCK_M gathered rows of x (row = pair // k) by a BLOCK_N slice of its
    expert's w13, writing [T*k, 2I] in pair order.
-3. silu(gate) * up -> [T*k, I].
+3. silu(gate) * up -> [T*k, I] (the `silu_and_mul` kernel).
 4. GEMM 2: the same over w2 (row = pair), scaled by the pair's routing weight, written in fp32.
 5. The k rows of each token are summed in fp32 and rounded once.
 Pairs whose expert id is outside [0, E) are never scheduled and contribute zero (as in the twin).
@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from strata.ops.triton_kernels._utils import dot_precision, interpreting, mm
+from strata.ops.triton_kernels.activation import silu_and_mul
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # T * top_k changes every step
@@ -244,8 +245,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     x = x.contiguous()
     c1 = torch.empty((P, two_i), dtype=x.dtype, device=x.device)  # [T*k, 2I] in pair order
     _gemm(x, w13, c1, weights, sorted_ids, block_expert, total, max_blocks, P, k, False, block_m, **tiles)
-    gate, up = c1.chunk(2, dim=-1)
-    act = (torch.nn.functional.silu(gate.float()) * up.float()).to(x.dtype)  # [T*k, I]
+    if legacy():
+        gate, up = c1.chunk(2, dim=-1)
+        act = (torch.nn.functional.silu(gate.float()) * up.float()).to(x.dtype)  # [T*k, I]
+    else:
+        act = silu_and_mul(c1)  # the same math in one kernel instead of five torch ops
     c2 = torch.zeros((P, H), dtype=torch.float32, device=x.device)  # unscheduled pairs stay 0
     _gemm(act, w2, c2, weights, sorted_ids, block_expert, total, max_blocks, P, 1, True, block_m, **tiles)
     return c2.view(T, k, H).sum(dim=1).to(x.dtype)
