@@ -49,6 +49,17 @@ def graph_ms(fn, reps: int = 20) -> float:
     return (time.perf_counter() - t) / (n * reps) * 1e3
 
 
+def write_record(path: str, rows: list, mode: str | None = None) -> None:
+    """The run's record: device, versions, the tree that ran ($TREE_COMMIT) and the rows."""
+    import torch
+    rec = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "tree_commit": os.environ.get("TREE_COMMIT")}
+    if mode:
+        rec["mode"] = mode
+    with open(path, "w") as f:
+        json.dump({**rec, "rows": rows}, f, indent=1)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="moe_kernel.json")
@@ -111,9 +122,7 @@ def main() -> int:
                  "best_GBps": round(nbytes / best[0] / 1e6, 1), "best_config": best[1]}
             print(json.dumps(r), flush=True)
             rows.append(r)
-    with open(a.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                   "tree_commit": os.environ.get("TREE_COMMIT"), "rows": rows}, f, indent=1)
+    write_record(a.out, rows)
     return 0
 
 
@@ -166,10 +175,7 @@ def tune(out_dir: str, shapes: list[tuple[int, int]], tokens: list[int], out_pat
                        "tree_commit": os.environ.get("TREE_COMMIT"),
                        "command": "python benchmarks/moe_kernel.py --tune", "top_k": k}, f, indent=1)
         print("wrote", name, flush=True)
-        with open(out_path, "w") as f:  # after every shape: a run cut short keeps what it measured
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "date": time.strftime("%Y-%m-%d"), "tree_commit": os.environ.get("TREE_COMMIT"), "mode": "tune",
-                       "rows": rows}, f, indent=1)
+        write_record(out_path, rows, "tune")  # after every shape: a run cut short keeps what it measured
     return 0
 
 
@@ -220,9 +226,7 @@ def decode_sweep(out_path: str) -> int:
             r["both_GBps"] = round(nbytes / r["both_ms"] / 1e6, 1)
             print(json.dumps(r), flush=True)
             rows.append(r)
-    with open(out_path, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                   "tree_commit": os.environ.get("TREE_COMMIT"), "mode": "decode-sweep", "rows": rows}, f, indent=1)
+    write_record(out_path, rows, "decode-sweep")
     return 0
 
 
@@ -271,9 +275,7 @@ def decode_ab(out_path: str) -> int:
              "ids_equal_frac": same, "max_w_diff": (wk - wr).abs().max().item()}
         print(json.dumps(r), flush=True)
         rows.append(r)
-    with open(out_path, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                   "tree_commit": os.environ.get("TREE_COMMIT"), "mode": "decode-ab", "rows": rows}, f, indent=1)
+    write_record(out_path, rows, "decode-ab")
     return 0
 
 
