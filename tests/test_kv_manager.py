@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from strata.core.plan import StepResult
 from strata.core.request import Request, RequestStatus
 from strata.core.sampling_params import SamplingParams
-from strata.kvcache.manager import KVCacheManager
+from strata.kvcache.manager import KVCacheManager, hash_block
 from strata.sched.scheduler import Scheduler
 
 BS = 4
@@ -32,6 +32,46 @@ def test_prefix_hit_and_full_hit_leaves_one_token():
     blocks, n = kv.get_computed_blocks(c)
     assert n == 4
     kv.check_invariants([])
+
+
+def _cached(kv, tokens, rid, salt=None):
+    """Run a request's prompt through the cache as a finished prefill; return its block ids."""
+    r = Request(rid, tokens, SamplingParams(max_tokens=1, ignore_eos=True), max_tokens=1, cache_salt=salt)
+    blocks, n = kv.get_computed_blocks(r)
+    assert kv.allocate_slots(r, len(tokens) - n, blocks)
+    r.num_computed_tokens = len(tokens)
+    kv.cache_full_blocks(r)
+    kv.check_invariants([r])
+    return r
+
+
+def test_colliding_cheap_hash_shares_no_block():
+    """Python's hash() maps n and n + (2**61 - 1) to the same value, so the old key `hash((parent,
+    tuple(tokens)))` gave these two different prompts the same blocks: the second request would have read
+    the first one's KV. The SHA-256 chain keeps them apart."""
+    m = 2**61 - 1
+    a_tokens = [5, 6, 7, 8] * 3
+    b_tokens = [t + m for t in a_tokens]
+    assert hash((None, tuple(a_tokens[:BS]))) == hash((None, tuple(b_tokens[:BS])))  # the cheap path collides
+    assert hash_block(None, a_tokens[:BS]) != hash_block(None, b_tokens[:BS])
+    kv = KVCacheManager(num_blocks=16, block_size=BS)
+    a = _cached(kv, a_tokens, "a")
+    b = Request("b", b_tokens, SamplingParams(max_tokens=1), max_tokens=1)
+    assert kv.get_computed_blocks(b) == ([], 0)
+    assert kv.allocate_slots(b, len(b_tokens))
+    assert not set(a.block_ids) & set(b.block_ids)
+    # the chain: the same block content after a different parent is a different key
+    assert hash_block(hash_block(None, [1] * BS), [2] * BS) != hash_block(hash_block(None, [3] * BS), [2] * BS)
+    kv.check_invariants([a, b])
+
+
+def test_cache_salt_separates_tenants():
+    kv = KVCacheManager(num_blocks=32, block_size=BS)
+    tokens = list(range(13))
+    _cached(kv, tokens, "a", salt="tenant-1")
+    assert kv.get_computed_blocks(Request("b", tokens, SamplingParams(), max_tokens=1, cache_salt="tenant-2"))[1] == 0
+    assert kv.get_computed_blocks(Request("c", tokens, SamplingParams(), max_tokens=1))[1] == 0
+    assert kv.get_computed_blocks(Request("d", tokens, SamplingParams(), max_tokens=1, cache_salt="tenant-1"))[1] == 12
 
 
 def test_lru_eviction_prefers_least_recent():

@@ -42,6 +42,7 @@ class Request:
         max_tokens: int,
         parent_id: str | None = None,
         index: int = 0,
+        cache_salt: str | None = None,
     ):
         self.request_id = request_id
         self.parent_id = parent_id or request_id
@@ -60,7 +61,8 @@ class Request:
         # Owned by the KV manager: physical block ids in logical order, and the chained hashes of
         # this request's full blocks (prefix of all_token_ids), computed incrementally.
         self.block_ids: list[int] = []
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained SHA-256 of each full block (kvcache/manager.py)
+        self.cache_salt = cache_salt  # hashed into the first block: requests with other salts share no blocks
         self.num_registered_blocks = 0  # leading block_ids already offered to the prefix cache
         # Stable per-running-request index into the runner's persistent device state (None when not running).
         self.slot: int | None = None

@@ -159,7 +159,7 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, cache_salt: str | None = None) -> None:
         if request_id in self.parents:
             raise ParameterError("request_id", f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
@@ -172,7 +172,7 @@ class LLMEngine:
         for i in range(params.n):
             cid = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(cid, ids, params, arrival_time=arrival, max_tokens=max_tokens,
-                          parent_id=request_id, index=i)
+                          parent_id=request_id, index=i, cache_salt=cache_salt)
             seed = params.seed + i if params.seed is not None else None
             if seed is not None:
                 req.generator = torch.Generator(device=self.runner.device).manual_seed(seed)

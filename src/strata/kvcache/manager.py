@@ -6,20 +6,35 @@ Invariants (checked by `check_invariants`, which tests call after every step):
   * ref_cnt[b] == number of running requests whose block table holds b;
   * a block is in the free queue iff ref_cnt == 0 (and it is not the null block);
   * every entry hash -> b of the cache map has block_hash[b] == hash.
+
+Block keys are SHA-256 digests chained through the parent block's digest, so a prompt cannot be crafted to
+land on another request's cached blocks: with Python's `hash()` (64 bits, `hash(n) == hash(n + 2**61 - 1)`,
+`hash(-1) == hash(-2)`) two different prefixes can share a key, and a hit is taken without comparing tokens.
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from strata.core.request import Request
 
 NULL_BLOCK = 0
 
 
-def hash_block(parent_hash: int | None, tokens: Iterable[int]) -> int:
-    """Chained hash: a block's identity is its tokens and everything before them."""
-    return hash((parent_hash, tuple(tokens)))
+ROOT_HASH = hashlib.sha256(b"strata kv block root").digest()
+
+
+def hash_block(parent_hash: bytes | None, tokens: Sequence[int], extra: bytes = b"") -> bytes:
+    """Chained SHA-256: a block's identity is its tokens, everything before them (the parent's digest) and
+    an optional extra key (e.g. a per-tenant cache salt, on the first block). The encoding is unambiguous:
+    32-byte parent, 4-byte length of `extra`, `extra`, then the token ids as fixed-width int64."""
+    h = hashlib.sha256(parent_hash or ROOT_HASH)
+    h.update(len(extra).to_bytes(4, "little"))
+    h.update(extra)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
 
 
 class BlockPool:
@@ -28,10 +43,10 @@ class BlockPool:
             raise ValueError(f"the KV cache needs at least 2 blocks, got {num_blocks}")
         self.num_blocks = num_blocks
         self.ref_cnt = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
         # Free blocks in eviction order (front = least recently freed). Values unused.
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[bytes, int] = {}  # block hash -> block id
 
     @property
     def num_free(self) -> int:
@@ -59,7 +74,7 @@ class BlockPool:
         if self.ref_cnt[b] == 0:
             self.free[b] = None  # most recently freed: evicted last
 
-    def register(self, b: int, h: int) -> None:
+    def register(self, b: int, h: bytes) -> None:
         if self.block_hash[b] is not None:
             return
         if h in self.cached:  # same content computed twice concurrently: keep the first
@@ -97,7 +112,8 @@ class KVCacheManager:
         while (len(hashes) + 1) * bs <= upto_tokens:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, req.tokens(i * bs, (i + 1) * bs)))
+            extra = req.cache_salt.encode() if i == 0 and req.cache_salt else b""
+            hashes.append(hash_block(parent, req.tokens(i * bs, (i + 1) * bs), extra))
 
     # ---- prefix lookup ----
     def get_computed_blocks(self, req: Request) -> tuple[list[int], int]:
