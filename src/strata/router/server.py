@@ -28,7 +28,7 @@ from strata.router.admission import AdmissionMixin
 from strata.router.config import RouterConfig
 from strata.router.errors import NoCapacity
 from strata.router.health import HealthMixin
-from strata.router.metrics import Counter, Gauge, Histogram, render
+from strata.router.metrics import Counter, Gauge, Histogram, registry_of, render
 from strata.router.policies import make_policy
 from strata.router.proxy import ProxyMixin
 from strata.router.registry import BreakerState, Registry
@@ -115,11 +115,13 @@ class Router(ProxyMixin, AdminMixin, HealthMixin, AdmissionMixin):
                   per_region(lambda r: r.outstanding)),
             Gauge(P + "queue_depth", "Requests waiting for a replica", (), lambda: {(): self.waiting}),
         ]
+        self.metrics_registry = registry_of([
+            self.m_requests, self.m_upstream, self.m_latency, self.m_replica_latency, self.m_ttft, self.m_retries,
+            self.m_failovers, self.m_failover_fail, self.m_spills, self.m_rejected, self.m_breaker_opened,
+            *self.gauges])
 
     def metrics_text(self) -> str:
-        return render([self.m_requests, self.m_upstream, self.m_latency, self.m_replica_latency, self.m_ttft,
-                       self.m_retries, self.m_failovers, self.m_failover_fail, self.m_spills, self.m_rejected,
-                       self.m_breaker_opened, *self.gauges])
+        return render(self.metrics_registry)
 
     # ------------------------------------------------------------------------------------------ app
     def _build_app(self) -> web.Application:
