@@ -62,6 +62,8 @@ class EngineArgs:
                 continue
             flag = "--" + f.name.replace("_", "-")
             help_ = f.metadata.get("help", "")
+            if f.default is not None and "default" not in help_:
+                help_ += " (default: %(default)s)"
             if f.type in ("bool", bool, "bool | None"):
                 g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
                 continue
