@@ -38,6 +38,56 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
+def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """Repetition penalty over prompt + output tokens (vLLM, transformers); presence and frequency
+    penalties over output tokens only (OpenAI, vLLM). Edits `logits` [B, V] in place and returns it."""
+    V = logits.shape[1]
+    for i, r in enumerate(reqs):
+        p = r.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(r.all_token_ids)), dtype=torch.long, device=logits.device)
+            seen = seen[seen < V]
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
+            out = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(out, minlength=V)[:V].to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def warp_logits(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p (transformers' warper order): the logits [B, V] a row
+    samples from, the tokens it may not draw at -inf. Greedy rows keep temperature 1."""
+    V = logits.shape[1]
+    dev = logits.device
+    temps = to_device([max(r.params.temperature, 1e-5) if not r.params.greedy else 1.0 for r in reqs],
+                      torch.float32, dev)
+    logits = logits / temps[:, None]
+    top_ks = [r.params.top_k for r in reqs]
+    if any(k > 0 for k in top_ks):
+        k = to_device([min(k, V) if k > 0 else V for k in top_ks], torch.int64, dev)
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).view(-1, 1))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_ps = [r.params.top_p for r in reqs]
+    if any(p < 1.0 for p in top_ps):
+        # From the least likely token up, drop tokens while the mass dropped stays <= 1 - top_p: what is
+        # left is the smallest set whose mass reaches top_p, the most likely token always in it. Tied
+        # tokens at the edge are cut in sort order, as transformers and vLLM do.
+        rest = to_device([1.0 - p if p < 1.0 else -1.0 for p in top_ps], torch.float32, dev)
+        ascending, order = logits.sort(dim=-1)
+        sorted_drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= rest[:, None]
+        sorted_drop[:, -1] = False
+        drop = torch.zeros_like(sorted_drop).scatter(1, order, sorted_drop)
+        logits = logits.masked_fill(drop, float("-inf"))
+    min_ps = [r.params.min_p for r in reqs]
+    if any(m > 0 for m in min_ps):
+        m = to_device(min_ps, torch.float32, dev)
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * m[:, None], float("-inf"))
+    return logits
+
+
 def host_logprobs(lps: tuple | None, batch: SamplingBatch) -> list | None:
     """The logprob tensors of `Sampler.sample` as per-row (chosen, [(token, logprob)]) or None."""
     if lps is None:
@@ -76,7 +126,7 @@ class Sampler:
                     if banned:
                         logits[i, banned] = float("-inf")
         if batch.any_penalty:
-            logits = self._apply_penalties(logits.clone() if not batch.any_min_tokens else logits, reqs)
+            logits = apply_penalties(logits.clone() if not batch.any_min_tokens else logits, reqs)
         if batch.all_greedy:
             tokens = logits.argmax(dim=-1)
         else:
@@ -87,48 +137,12 @@ class Sampler:
         top_v, top_i = raw_logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
         return tokens, (chosen, top_v, top_i)
 
-    def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        V = logits.shape[1]
-        for i, r in enumerate(reqs):
-            p = r.params
-            if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(r.all_token_ids)), dtype=torch.long, device=logits.device)
-                seen = seen[seen < V]
-                vals = logits[i, seen]
-                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
-                out = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
-                counts = torch.bincount(out, minlength=V)[:V].to(logits.dtype)
-                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-        return logits
-
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         B, V = logits.shape
         dev = logits.device
-        temps = to_device([max(r.params.temperature, 1e-5) if not r.params.greedy else 1.0 for r in reqs],
-                          torch.float32, dev)
         greedy_rows = to_device([r.params.greedy for r in reqs], torch.bool, dev)
         greedy_tokens = logits.argmax(dim=-1)
-        logits = logits / temps[:, None]
-        top_ks = [r.params.top_k for r in reqs]
-        if any(k > 0 for k in top_ks):
-            k = to_device([min(k, V) if k > 0 else V for k in top_ks], torch.int64, dev)
-            kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).view(-1, 1))
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        top_ps = [r.params.top_p for r in reqs]
-        if any(p < 1.0 for p in top_ps):
-            p = to_device(top_ps, torch.float32, dev)
-            sp, si = probs.sort(dim=-1, descending=True)
-            cum = sp.cumsum(dim=-1)
-            drop = (cum - sp) > p[:, None]  # keep the smallest set whose mass reaches top_p
-            sp = sp.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(1, si, sp)
-        min_ps = [r.params.min_p for r in reqs]
-        if any(m > 0 for m in min_ps):
-            m = to_device(min_ps, torch.float32, dev)
-            thresh = probs.max(dim=-1, keepdim=True).values * m[:, None]
-            probs = probs.masked_fill(probs < thresh, 0.0)
+        probs = torch.softmax(warp_logits(logits, reqs), dim=-1)
         unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
         if len(unseeded) == B:
             noise = torch.empty_like(probs).exponential_(generator=self.generator)
