@@ -1,7 +1,7 @@
 """`strata batch`: run a model over a data set; `strata batch merge`: merge per-rank outputs.
 
 With no arguments, `strata batch` is the seed notebook's job: summarise 64 ShareGPT posts in one short
-sentence each with the embedded SmolLM2 model, writing summaries.jsonl (see docs/BATCH.md).
+sentence each with the embedded SmolLM2 model, writing out/summaries.jsonl (see docs/BATCH.md).
 """
 from __future__ import annotations
 
@@ -18,18 +18,22 @@ log = logging.getLogger("strata.batch")
 
 SEED_SYSTEM_PROMPT = ("The user will supply a post from an online newsgroup. "
                       "Summarize the post in a single, very short sentence.")
+# The default job's instruction, after the post in the user turn: with the seed notebook's layout (the
+# instruction as the system prompt) the embedded SmolLM2 often restated the instruction or looped
+# (benchmarks/batch_quality.py, docs/BATCH.md).
+SUMMARY_INSTRUCTION = "Summarize the post above in a single, very short sentence."
+PROMPT_LAYOUTS = {"default": {"instruction": SUMMARY_INSTRUCTION}, "seed": {"system_prompt": SEED_SYSTEM_PROMPT}}
 
 # What `strata batch` does without --input: the seed64 selection (docs/BENCHMARK-PROTOCOL.md).
 PRESET = {
     "input": "sharegpt",
-    "output": "summaries.jsonl",
+    "output": os.path.join("out", "summaries.jsonl"),
     "id_field": "id",
     "text_field": "text",
     "filter": ["first_from=human"],
     "min_text_tokens": 150,
     "max_text_tokens": 2000,
     "limit": 64,
-    "system_prompt": SEED_SYSTEM_PROMPT,
     "max_input_tokens": 512,
     "max_tokens": 100,
     "temperature": 0.0,
@@ -58,6 +62,12 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
         help="prompt built from fields, e.g. 'Title: {title}\\n\\n{body}' ({{ and }} for literal braces)")
     add(g, "--messages-field", default=None, help="field holding a chat as a list of {role, content}")
     add(g, "--system-prompt", default=None, help="system message put before each prompt")
+    add(g, "--instruction", default=None,
+        help="text put after each row's text in the user turn (a blank line between); kept whole when the text "
+             "is truncated")
+    add(g, "--prompt-layout", default=None, choices=sorted(PROMPT_LAYOUTS),
+        help="the default job's prompt (no --input): 'default' puts the instruction after the post in the user "
+             "turn; 'seed' is the seed notebook's, the instruction as the system prompt")
     add(g, "--chat-template", action=argparse.BooleanOptionalAction, default=True,
         help="wrap prompts in the model's chat template (default: on)")
     add(g, "--include-fields", default=None, help="comma-separated input fields copied to each output row")
@@ -90,15 +100,17 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
 
     g = p.add_argument_group("output and run")
     add(g, "--output", "-o", default=None,
-        help="output JSONL (default: summaries.jsonl for the default job, else <input name>.out.jsonl); "
+        help="output JSONL (default: out/summaries.jsonl for the default job, else <input name>.out.jsonl); "
              "with several ranks each writes <stem>.rank<R><ext>")
     add(g, "--overwrite", action="store_true", default=False, help="start over instead of resuming")
     add(g, "--retry-errors", action="store_true", default=False, help="redo the rows that are error rows in the output")
     add(g, "--max-in-flight", type=int, default=None,
         help="requests in the engine at once (default: 2 x --max-num-seqs); memory stays bounded by it")
     add(g, "--fail-fast", type=int, default=100, metavar="N",
-        help="stop, writing nothing, when the first N rows all fail before reaching the model (a wrong "
-             "--text-field...); 0: never (default 100)")
+        help="stop, writing nothing, when the first N rows (or all, if fewer) fail for the job's configuration: "
+             "a missing or wrong-typed field (a wrong --text-field...); 0: never (default 100)")
+    add(g, "--wait-for-lock", action="store_true", default=False,
+        help="if another run is writing the output, wait for it to finish (default: stop at once, naming it)")
     add(g, "--progress", default="auto", choices=["auto", "bar", "log", "none"],
         help="bar on a terminal, else log lines (default)")
     add(g, "--log-interval", type=float, default=10.0, help="seconds between progress log lines")
@@ -120,18 +132,28 @@ def register(subparsers) -> None:
     m.add_argument("--output", "-o", required=True, help="merged output; rows already in it are kept, not repeated")
     m.add_argument("--allow-missing", action="store_true", help="skip input files that do not exist")
     m.add_argument("--remove-inputs", action="store_true", help="delete the input files after merging")
+    m.add_argument("--wait-for-lock", action="store_true",
+                   help="if a run is writing the output or one of the files, wait for it (default: stop at once)")
     m.set_defaults(func=merge_cli)
 
 
 # ---------------------------------------------------------------- option resolution
 
 def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    layout = getattr(args, "prompt_layout", None)
     if args.input is None:
+        if getattr(args, "instruction", None) is None and args.system_prompt is None:
+            for k, v in PROMPT_LAYOUTS[layout or "default"].items():
+                setattr(args, k, v)
         for k, v in PRESET.items():
             if k == "text_field" and (args.prompt_template or args.messages_field):
                 continue
             if getattr(args, k, None) is None:
                 setattr(args, k, list(v) if isinstance(v, list) else v)
+    elif layout is not None and not getattr(args, "_preset_applied", False):
+        raise ValueError("--prompt-layout chooses the default job's prompt (no --input); "
+                         "with --input, use --system-prompt and --instruction")
+    args._preset_applied = True
     if args.output is None:
         base = os.path.basename(args.input.rstrip("/")) if args.input != "-" else "stdin"
         for ext in (".gz", ".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".pq"):
@@ -157,11 +179,15 @@ def job_options(args: argparse.Namespace, mode: str):
         "seed": args.sampling_seed, "stop": args.stop, "ignore_eos": args.ignore_eos}.items() if v is not None}
     if args.prompt_template and args.text_field:
         raise ValueError("--prompt-template and --text-field exclude each other")
+    if getattr(args, "instruction", None) and args.messages_field:
+        raise ValueError("--instruction goes with --text-field or --prompt-template, not --messages-field "
+                         "(put it in the messages)")
     return JobOptions(
         mode=mode, id_field=args.id_field,
         text_field=None if (args.prompt_template or args.messages_field) else (args.text_field or "text"),
         prompt_template=args.prompt_template, messages_field=args.messages_field,
-        system_prompt=args.system_prompt, chat_template=args.chat_template,
+        system_prompt=args.system_prompt, instruction=getattr(args, "instruction", None) or None,
+        chat_template=args.chat_template,
         include_fields=[f.strip() for f in (args.include_fields or "").split(",") if f.strip()],
         max_input_tokens=args.max_input_tokens, truncation_side=args.truncation_side,
         on_too_long=args.on_too_long, sampling=sampling, filters=filters,
@@ -204,14 +230,10 @@ def run_batch_cli(args: argparse.Namespace) -> int:
 
 def run_batch(args: argparse.Namespace, *, engine_factory=None, engine: Any = None) -> int:
     """Run one rank's share of the job. `engine` (already built) or `engine_factory(args)` supplies it."""
-    from strata.batch.jobs import JobBuilder, is_openai_row
-    from strata.batch.output import RowWriter, ScanResult, drop_error_rows, scan_output
-    from strata.batch.progress import Progress
-    from strata.batch.readers import RowCounter, detect_format, open_reader, peek_first_object
-    from strata.batch.runner import Counters, StopFlag, Summary, run_jobs, select_items
-    from strata.batch.sharding import detect_rank, rank_output_path, shard_size
-
-    from strata.batch.readers import SHAREGPT, sharegpt_path
+    from strata.batch.jobs import is_openai_row
+    from strata.batch.lock import OutputLock
+    from strata.batch.readers import SHAREGPT, detect_format, peek_first_object, sharegpt_path
+    from strata.batch.sharding import detect_rank, rank_output_path
 
     apply_defaults(args)
     rank, world, rank_src = detect_rank(args.rank, args.world_size)
@@ -230,6 +252,20 @@ def run_batch(args: argparse.Namespace, *, engine_factory=None, engine: Any = No
     opts = job_options(args, mode)
 
     out_path = rank_output_path(args.output, rank, world)
+    # One run per output file, for the whole job (the lock goes with the process, however it ends).
+    with OutputLock(out_path, wait=args.wait_for_lock):
+        return _run_locked(args, engine_factory, engine, opts, fmt, out_path, rank, world, rank_src)
+
+
+def _run_locked(args, engine_factory, engine, opts, fmt, out_path, rank, world, rank_src) -> int:
+    from strata.batch.jobs import JobBuilder
+    from strata.batch.output import RowWriter, ScanResult, drop_error_rows, scan_output
+    from strata.batch.preflight import preflight
+    from strata.batch.progress import Progress
+    from strata.batch.readers import RowCounter, open_reader
+    from strata.batch.runner import Counters, StopFlag, Summary, run_jobs, select_items
+    from strata.batch.sharding import shard_size
+
     base = args.output if out_path != args.output and "{rank}" not in args.output else None
     label = "batch" if world == 1 else f"batch[rank {rank}/{world}]"
     if world > 1:
@@ -248,6 +284,22 @@ def run_batch(args: argparse.Namespace, *, engine_factory=None, engine: Any = No
                      label, scan.rows, scan.errors)
         if scan.bad_lines:
             log.warning("%s: %d lines of the output are not rows; ignored", label, scan.bad_lines)
+
+    # A job whose first rows to do all fail for its configuration stops (see run_jobs), unless rows of the
+    # output succeeded: then the configuration is right, and the rows' errors are their own.
+    fail_fast = args.fail_fast if scan.rows == scan.errors else 0
+    # Before the model loads: is anything left, and do the first rows read as the job says?
+    pre = preflight(args, opts, fmt, scan, rank, world, getattr(engine, "tokenizer", None), fail_fast)
+    if pre is not None and pre.misconfigured:
+        print(f"strata {label}: error: {pre.misconfigured}", file=sys.stderr, flush=True)
+        return EXIT_FATAL
+    if pre is not None and pre.nothing_left:
+        c = pre.counters
+        msg = (f"{label}: nothing left to do: the {c.skipped} rows of this job are in {out_path} already"
+               + (f", {scan.errors} of them error rows (--retry-errors redoes them)" if scan.errors else "")
+               + (f"; {c.filtered} rows filtered out" if c.filtered else "") + "; --overwrite starts over")
+        print(msg, file=sys.stderr, flush=True)
+        return EXIT_ROWS_FAILED if scan.errors else EXIT_OK
 
     if engine is None:
         engine = engine_factory(args)
@@ -279,7 +331,7 @@ def run_batch(args: argparse.Namespace, *, engine_factory=None, engine: Any = No
         with RowWriter(out_path, overwrite=args.overwrite) as writer:
             run_jobs(engine, items, writer, model_name=model_name, max_in_flight=max_in_flight,
                      queue_size=min(max_in_flight, 256), progress=progress, summary=summary, stop=stop,
-                     fail_fast=args.fail_fast)
+                     fail_fast=fail_fast)
     finally:
         stop.restore()
         if progress is not None:
@@ -297,6 +349,7 @@ def run_batch(args: argparse.Namespace, *, engine_factory=None, engine: Any = No
 # ---------------------------------------------------------------- strata batch merge
 
 def merge_cli(args: argparse.Namespace) -> int:
+    from strata.batch.lock import LockSet, OutputLocked
     from strata.batch.output import merge_outputs
     from strata.batch.sharding import find_rank_files
 
@@ -305,8 +358,11 @@ def merge_cli(args: argparse.Namespace) -> int:
         print(f"strata batch merge: no input files (and no {args.output} rank files found)", file=sys.stderr)
         return EXIT_OK if args.allow_missing else EXIT_FATAL
     try:
-        res = merge_outputs(files, args.output, allow_missing=args.allow_missing, remove_inputs=args.remove_inputs)
-    except FileNotFoundError as e:
+        # Not while a run writes the output or one of the files (a rank still running).
+        with LockSet([args.output, *(f for f in files if os.path.exists(f))], wait=args.wait_for_lock):
+            res = merge_outputs(files, args.output, allow_missing=args.allow_missing,
+                                remove_inputs=args.remove_inputs)
+    except (FileNotFoundError, OutputLocked) as e:
         print(f"strata batch merge: error: {e}", file=sys.stderr)
         return EXIT_FATAL
     msg = (f"batch merge: {res.appended} rows appended to {args.output} from {len(files) - len(res.missing)} files"

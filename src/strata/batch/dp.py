@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from strata.batch.lock import LockSet
 from strata.batch.output import merge_outputs, scan_output
 from strata.batch.progress import Progress
 from strata.batch.sharding import find_rank_files, rank_output_path
@@ -80,10 +81,17 @@ class _Tail:
 
 
 def launch(args: argparse.Namespace, outer_rank: int, outer_world: int) -> int:
+    owns_output = outer_world == 1 and "{rank}" not in args.output
+    # This process merges into the output: it holds the output's lock for the whole job (each worker holds
+    # its rank file's); a second run on the same output stops here at once.
+    with LockSet([args.output] if owns_output else [], wait=args.wait_for_lock):
+        return _launch(args, outer_rank, outer_world, owns_output)
+
+
+def _launch(args: argparse.Namespace, outer_rank: int, outer_world: int, owns_output: bool) -> int:
     n = args.data_parallel_size
     group = max(1, args.tensor_parallel_size) * max(1, args.pipeline_parallel_size)
     world = outer_world * n
-    owns_output = outer_world == 1 and "{rank}" not in args.output
     device = args.device
     gpus = [] if device == "cpu" else visible_gpus()
     if device in ("cuda", "auto") and gpus:
@@ -96,20 +104,20 @@ def launch(args: argparse.Namespace, outer_rank: int, outer_world: int) -> int:
         gpus = []
 
     if owns_output:
-        if args.overwrite:
-            for p in [args.output, *find_rank_files(args.output)]:
-                if os.path.exists(p):
-                    os.remove(p)
-        else:
-            leftovers = find_rank_files(args.output)
-            if leftovers:
+        leftovers = find_rank_files(args.output)
+        with LockSet(leftovers):  # not while a rank of an earlier run still writes its file
+            if args.overwrite:
+                for p in [args.output, *leftovers]:
+                    if os.path.exists(p):
+                        os.remove(p)
+            elif leftovers:
                 res = merge_outputs(leftovers, args.output, remove_inputs=True)
                 log.info("batch: merged %d rows left in %d rank files by an earlier run", res.appended, len(leftovers))
-            if args.retry_errors:
-                from strata.batch.output import drop_error_rows
-                dropped = drop_error_rows(args.output)
-                if dropped:
-                    log.info("batch: retrying %d error rows of %s", dropped, args.output)
+        if args.retry_errors and not args.overwrite:
+            from strata.batch.output import drop_error_rows
+            dropped = drop_error_rows(args.output)
+            if dropped:
+                log.info("batch: retrying %d error rows of %s", dropped, args.output)
 
     child = dict(vars(args))
     child.pop("func", None)
@@ -179,7 +187,8 @@ def launch(args: argparse.Namespace, outer_rank: int, outer_world: int) -> int:
             log.error("batch: worker %d (rank %d) exited with status %d; rerun the same command to resume it",
                       i, outer_rank * n + i, rc)
     if owns_output:
-        res = merge_outputs(paths, args.output, allow_missing=True, remove_inputs=True)
+        with LockSet(p for p in paths if os.path.exists(p)):
+            res = merge_outputs(paths, args.output, allow_missing=True, remove_inputs=True)
         scan = scan_output(args.output)
         print(f"batch: merged {res.appended} new rows into {args.output}: it holds {scan.rows} rows, "
               f"{scan.errors} of them errors", file=sys.stderr, flush=True)

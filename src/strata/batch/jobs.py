@@ -26,6 +26,9 @@ from strata.core.sampling_params import ParameterError, SamplingParams
 SENTINEL = "\u2063STRATA\u2063CONTENT\u2063"  # invisible separators: no template alters them
 OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
 _MISSING = object()
+# Row errors that, when every one of the first rows has one, mean the job is misconfigured (a wrong
+# --text-field or --id-field, the wrong --input-format): the job stops instead of recording them.
+CONFIG_ERRORS = frozenset({"missing_field", "non_text_field", "missing_id", "invalid_id", "invalid_messages"})
 
 
 # ---------------------------------------------------------------- what goes in and out of the runner
@@ -122,6 +125,7 @@ class JobOptions:
     prompt_template: str | None = None
     messages_field: str | None = None
     system_prompt: str | None = None
+    instruction: str | None = None  # appended to the user turn after the row's text; never truncated
     chat_template: bool = True
     include_fields: list[str] = field(default_factory=list)
     max_input_tokens: int | None = None
@@ -164,6 +168,7 @@ class JobBuilder:
         backend = getattr(getattr(tokenizer, "hf", None), "backend_tokenizer", None)
         self._encode_batch = (lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]) \
             if backend is not None and hasattr(backend, "encode_batch") else None
+        self._tail = "\n\n" + opts.instruction if opts.instruction else ""  # after the row's text
         self._plain_sampling = {**PLAIN_DEFAULTS, **opts.sampling}
         self._openai_sampling = {**OPENAI_DEFAULTS, **opts.sampling}
         SamplingParams(**self._plain_sampling)  # fail fast on bad CLI values
@@ -222,7 +227,7 @@ class JobBuilder:
             except RowErrorExc:
                 continue
             messages = self._plain_messages(content)
-            aff = self._affixes(messages, len(messages) - 1)
+            aff = self._affixes(messages, len(messages) - 1, self._tail)
             if aff is None:
                 return
             todo.append(rec)
@@ -243,15 +248,39 @@ class JobBuilder:
         messages.append({"role": "user", "content": content})
         return messages
 
+    def _id_error(self, rec: Record, id_: Any) -> RowError | None:
+        if id_ is not None or not (self.o.mode == "openai" or self.o.id_field):
+            return None
+        what = "custom_id" if self.o.mode == "openai" else f"id field {self.o.id_field!r}"
+        v = rec.data.get("custom_id") if self.o.mode == "openai" else get_path(rec.data, self.o.id_field)
+        if v is _MISSING or v is None:
+            return RowError("missing_id", f"{what} is missing")
+        return RowError("invalid_id", f"{what} is {type(v).__name__}, not a string or integer")
+
+    def check(self, rec: Record, id_: Any) -> RowError | None:
+        """The row's error when it can be found without the tokenizer (unreadable row, id, text field), else
+        None. `strata batch` checks the first rows with it before it loads the model."""
+        if rec.error is not None:
+            return rec.error
+        err = self._id_error(rec, id_)
+        if err is not None or self.o.mode == "openai":
+            return err
+        try:
+            if self.o.messages_field:
+                _check_messages(get_path(rec.data, self.o.messages_field), self.o.messages_field)
+            else:
+                self._content(rec)
+        except RowErrorExc as e:
+            return e.error
+        return None
+
     def build(self, rec: Record, key: str, id_: Any) -> Job | ErrorItem:
         kind = self.o.mode
         if rec.error is not None:
             return ErrorItem(key, id_, rec.row, rec.error, kind)
-        if id_ is None and (kind == "openai" or self.o.id_field):
-            what = "custom_id" if kind == "openai" else f"id field {self.o.id_field!r}"
-            v = rec.data.get("custom_id") if kind == "openai" else get_path(rec.data, self.o.id_field)
-            msg = f"{what} is missing" if v is _MISSING or v is None else f"{what} is {type(v).__name__}, not a string or integer"
-            return ErrorItem(key, None, rec.row, RowError("missing_id" if v is _MISSING or v is None else "invalid_id", msg), kind)
+        err = self._id_error(rec, id_)
+        if err is not None:
+            return ErrorItem(key, None, rec.row, err, kind)
         try:
             if kind == "openai":
                 return self._build_openai(rec, key, id_)
@@ -305,7 +334,7 @@ class JobBuilder:
             ids, truncated, full = self._prompt_ids(messages, None)
         else:
             content = self._content(rec)
-            ids, truncated, full = self._prompt_ids(self._plain_messages(content), rec)
+            ids, truncated, full = self._prompt_ids(self._plain_messages(content), rec, self._tail)
         params = _sampling(self._plain_sampling)
         return Job(key, id_, rec.row, ids, params, "plain", None, truncated, full if truncated else None,
                    self._extra(rec))
@@ -350,22 +379,22 @@ class JobBuilder:
 
     # ---- templating and truncation
 
-    def _affixes(self, messages: list[dict], ci: int) -> tuple[str, str] | None:
-        """(text before, text after) message `ci`'s content in the rendered chat prompt; None if the
-        template does not reproduce the content verbatim."""
+    def _affixes(self, messages: list[dict], ci: int, tail: str = "") -> tuple[str, str] | None:
+        """(text before, text after) message `ci`'s content in the rendered chat prompt, when that message
+        is the content followed by `tail`; None if the template does not reproduce the content verbatim."""
         if not self.has_chat_template:
-            return "", ""
-        ck = tuple((m["role"], m["content"] if i != ci else None) for i, m in enumerate(messages))
+            return "", tail
+        ck = (tail, *((m["role"], m["content"] if i != ci else None) for i, m in enumerate(messages)))
         if ck in self._affix_cache:
             return self._affix_cache[ck]
         probe = [dict(m) for m in messages]
-        probe[ci]["content"] = SENTINEL
+        probe[ci]["content"] = SENTINEL + tail
         rendered = self.tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
         res = None
         if rendered.count(SENTINEL) == 1:
             pre, post = rendered.split(SENTINEL)
             # The fast path (prefix + content + suffix) must equal rendering; check with awkward content.
-            probe[ci]["content"] = " x\n"
+            probe[ci]["content"] = " x\n" + tail
             if self.tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False) == pre + " x\n" + post:
                 res = (pre, post)
         if len(self._affix_cache) > 1024:
@@ -373,15 +402,16 @@ class JobBuilder:
         self._affix_cache[ck] = res
         return res
 
-    def _prompt_ids(self, messages: list[dict], rec: Record | None) -> tuple[list[int], bool, int]:
-        """Token ids of the chat prompt, truncated per the options: (ids, truncated, untruncated length)."""
+    def _prompt_ids(self, messages: list[dict], rec: Record | None, tail: str = "") -> tuple[list[int], bool, int]:
+        """Token ids of the chat prompt, truncated per the options: (ids, truncated, untruncated length).
+        `tail` (the --instruction) follows the last user message's content and is never cut."""
         ci = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
         content = messages[ci]["content"]
         if not self.has_chat_template:
             text = "\n\n".join(m["content"] for m in messages)
-            ids = self.tok.encode(text, add_special_tokens=True)
-            return self._truncate_raw(ids, text)
-        aff = self._affixes(messages, ci)
+            ids = self.tok.encode(text + tail, add_special_tokens=True)
+            return self._truncate_raw(ids, text, tail)
+        aff = self._affixes(messages, ci, tail)
         cached = rec.cache.get("prompt_ids") if rec is not None and rec.cache else None
         if cached is not None and aff is not None and rec.cache.get("content") == content:
             ids = cached  # from prepare(): the same text, tokenised in a batch
@@ -389,7 +419,8 @@ class JobBuilder:
             if aff is not None:
                 text = aff[0] + content + aff[1]
             else:
-                text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                full = [*messages[:ci], {**messages[ci], "content": content + tail}, *messages[ci + 1:]]
+                text = self.tok.apply_chat_template(full, add_generation_prompt=True, tokenize=False)
             ids = self.tok.encode(text, add_special_tokens=False)
         limit = self.o.max_input_tokens
         if limit is None or len(ids) <= limit:
@@ -402,14 +433,14 @@ class JobBuilder:
             post = self.tok.encode(aff[1], add_special_tokens=False) if aff[1] else []
             budget = limit - len(pre) - len(post)
             if budget < 1:
-                raise RowErrorExc("prompt_too_long", f"the chat template and system prompt alone take "
+                raise RowErrorExc("prompt_too_long", f"the chat template, system prompt and instruction alone take "
                                   f"{len(pre) + len(post)} tokens, --max-input-tokens={limit} leaves no room for the text")
             cids = (self._content_ids(rec) if rec is not None and rec.cache and rec.cache.get("content") == content
                     else self.tok.encode(content, add_special_tokens=False))
             return pre + cids[:budget] + post, True, len(ids)
         return self._cut(ids), True, len(ids)
 
-    def _truncate_raw(self, ids: list[int], text: str) -> tuple[list[int], bool, int]:
+    def _truncate_raw(self, ids: list[int], text: str, tail: str = "") -> tuple[list[int], bool, int]:
         limit = self.o.max_input_tokens
         if limit is None or len(ids) <= limit:
             return ids, False, len(ids)
@@ -419,7 +450,8 @@ class JobBuilder:
         if self.o.truncation_side == "content":
             special = self.tok.encode("", add_special_tokens=True)
             body = self.tok.encode(text, add_special_tokens=False)
-            return special + body[: max(1, limit - len(special))], True, len(ids)
+            end = self.tok.encode(tail, add_special_tokens=False) if tail else []
+            return special + body[: max(1, limit - len(special) - len(end))] + end, True, len(ids)
         return self._cut(ids), True, len(ids)
 
     def _truncate_ids(self, ids: list[int]) -> tuple[list[int], bool, int]:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
 
-from strata.batch.jobs import ErrorItem, Job, JobBuilder, error_row, job_error_row, result_row
+from strata.batch.jobs import CONFIG_ERRORS, ErrorItem, Job, JobBuilder, error_row, job_error_row, result_row
 from strata.batch.output import KeySet, RowWriter
 from strata.batch.progress import Progress
 from strata.batch.readers import Record, RowError
@@ -85,9 +85,6 @@ class Summary:
 def select_items(records: Iterable[Record], builder: JobBuilder, *, rank: int = 0, world_size: int = 1,
                  done: KeySet | None = None, limit: int | None = None,
                  counters: Counters | None = None, batch_size: int = 32) -> Iterator[Job | ErrorItem]:
-    c = counters if counters is not None else Counters()
-    by_content = builder.o.selects_by_content
-    k = 0  # index among selected rows
     batch: list[tuple[Record, str, Any]] = []
 
     def flush() -> Iterator[Job | ErrorItem]:
@@ -96,6 +93,21 @@ def select_items(records: Iterable[Record], builder: JobBuilder, *, rank: int = 
             yield builder.build(rec, key, id_)
         batch.clear()
 
+    for todo in select_records(records, builder, rank=rank, world_size=world_size, done=done, limit=limit,
+                               counters=counters):
+        batch.append(todo)
+        if len(batch) >= batch_size:
+            yield from flush()
+    yield from flush()
+
+
+def select_records(records: Iterable[Record], builder: JobBuilder, *, rank: int = 0, world_size: int = 1,
+                   done: KeySet | None = None, limit: int | None = None,
+                   counters: Counters | None = None) -> Iterator[tuple[Record, str, Any]]:
+    """(record, key, id) of the rows this rank has to do: selected, in its shard, not done yet."""
+    c = counters if counters is not None else Counters()
+    by_content = builder.o.selects_by_content
+    k = 0  # index among selected rows
     for rec in records:
         c.read += 1
         if limit is not None and k >= limit:
@@ -115,10 +127,7 @@ def select_items(records: Iterable[Record], builder: JobBuilder, *, rank: int = 
         if done is not None and key in done:
             c.skipped += 1
             continue
-        batch.append((rec, key, id_))
-        if len(batch) >= batch_size:
-            yield from flush()
-    yield from flush()
+        yield rec, key, id_
 
 
 _END = object()
@@ -126,6 +135,20 @@ _END = object()
 
 class FailFast(Exception):
     pass
+
+
+def misconfigured_message(errors: list, fields: list[str] | None = None) -> str:
+    """The one message for a job whose first rows all failed with configuration errors (RowErrors)."""
+    common = collections.Counter((e.type, e.message) for e in errors).most_common(1)[0][0]
+    n = len(errors)
+    s = (f"{'the only row' if n == 1 else f'all of the first {n} rows'} to do failed the same way: {common[1]}"
+         if all((e.type, e.message) == common for e in errors) else
+         f"all of the first {n} rows to do failed before reaching the model, e.g. {common[1]}")
+    if fields is not None:
+        s += f" (the first row has the fields: {', '.join(fields) or 'none'})"
+    hint = {"missing_id": "--id-field", "invalid_id": "--id-field"}.get(common[0], "--text-field, --prompt-template "
+                                                                      "or --messages-field, and --input-format")
+    return s + f"; check {hint}. Nothing was written, so the corrected command does these rows."
 
 
 class Prefetcher:
@@ -223,28 +246,26 @@ def run_jobs(engine: EngineLike, items: Iterable[Job | ErrorItem], writer: RowWr
              fail_fast: int = 100, startup_wait: float = 5.0) -> Summary:
     """Feed `items` to the engine, at most `max_in_flight` at a time, writing one row per item.
 
-    `fail_fast`: when that many rows in a row fail before any reaches the engine (a wrong --text-field,
-    not the format that was meant...), stop without writing them, so that a corrected rerun does not
-    find them "done" (0: never)."""
+    `fail_fast`: when the first rows fail with configuration errors (a wrong --text-field or --id-field,
+    not the format that was meant: `CONFIG_ERRORS`) before any reaches the engine, `fail_fast` of them or
+    all there are, stop without writing them, so that the corrected rerun does not find them "done"
+    (0: never). Other error rows (a line that is not JSON...) are written as they come."""
     s = summary or Summary()
-    held: list[dict] = []  # error rows kept back until a first row reaches the engine
+    held: list[ErrorItem] = []  # configuration error rows kept back until a first row reaches the engine
     accepted = 0
 
-    def write_error(row: dict) -> None:
+    def write_error(row: dict, item: ErrorItem | None = None) -> None:
         s.errors += 1
-        if fail_fast and not accepted:
-            held.append(row)
+        if fail_fast and not accepted and item is not None and item.error.type in CONFIG_ERRORS:
+            held.append(item)
             if len(held) >= fail_fast:
-                errs = [r.get("error") or ((r.get("response") or {}).get("body") or {}).get("error") or {} for r in held]
-                msgs = collections.Counter(e.get("message", "?") for e in errs).most_common(1)[0][0]
-                raise FailFast(f"the first {len(held)} rows all failed before reaching the model, e.g. {msgs!r}; "
-                               f"check --input-format/--text-field/--id-field (nothing was written)")
+                raise FailFast(misconfigured_message([h.error for h in held]))
         else:
             writer.write(row)
 
     def flush_held() -> None:
-        for row in held:
-            writer.write(row)
+        for item in held:
+            writer.write(error_row(item))
         held.clear()
 
     t0 = time.monotonic()
@@ -292,7 +313,7 @@ def run_jobs(engine: EngineLike, items: Iterable[Job | ErrorItem], writer: RowWr
                     src_done = True
                     break
                 if isinstance(item, ErrorItem):
-                    write_error(error_row(item))
+                    write_error(error_row(item), item)
                     continue
                 rid = str(seq)
                 seq += 1
@@ -310,6 +331,8 @@ def run_jobs(engine: EngineLike, items: Iterable[Job | ErrorItem], writer: RowWr
                 if src_done or (stop is not None and stop.set):
                     if stop is not None and stop.set:
                         s.interrupted = True
+                    elif held and src_exc is None:  # every row there was failed the same way
+                        raise FailFast(misconfigured_message([h.error for h in held]))
                     break
                 tick()
                 continue
@@ -336,12 +359,11 @@ def run_jobs(engine: EngineLike, items: Iterable[Job | ErrorItem], writer: RowWr
     except KeyboardInterrupt:
         s.interrupted = True
     except FailFast as e:
-        s.errors -= len(held)
-        held.clear()
         s.fatal = str(e)
     finally:
-        if held and not s.fatal:
-            flush_held()
+        if held:  # interrupted before a row reached the engine: not written, so a rerun does them
+            s.errors -= len(held)
+            held.clear()
         if pending:
             try:
                 engine.abort_request(list(pending))

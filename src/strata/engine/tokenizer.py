@@ -167,11 +167,11 @@ class Tokenizer:
         return text
 
 
-def _byte_level_from_metadata(md: dict[str, Any]):
-    """A PreTrainedTokenizerFast equal to transformers' GGUF `gpt2` tokenizer, built directly."""
+def _byte_level_from_metadata(md: dict[str, Any], backend_only: bool = False):
+    """A PreTrainedTokenizerFast equal to transformers' GGUF `gpt2` tokenizer, built directly
+    (`backend_only`: its `tokenizers.Tokenizer`, without importing transformers: `strata batch`'s checks)."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RawTokenizer
-    from transformers import PreTrainedTokenizerFast
 
     alphabet_map = _byte_alphabet()
     alphabet = set(alphabet_map.values())
@@ -206,6 +206,9 @@ def _byte_level_from_metadata(md: dict[str, Any]):
                                       for t in specials.values() if t is not None])
     if user:
         raw.add_tokens(user)
+    if backend_only:
+        return raw
+    from transformers import PreTrainedTokenizerFast
     hf = PreTrainedTokenizerFast(
         tokenizer_object=raw,
         add_bos_token=bool(md.get("tokenizer.ggml.add_bos_token", False)),
