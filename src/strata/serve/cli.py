@@ -37,6 +37,16 @@ def main_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server_args = ServerArgs.from_cli_args(args)
+
+    # cheap checks first: a taken port or a state directory in use fails now, not after the model loads
+    from strata.serve.preflight import PreflightError, StateDir, bind_socket, default_state_dir
+    try:
+        sock = bind_socket(server_args.host, server_args.port)
+        server_args.state_dir = server_args.state_dir or default_state_dir(sock.getsockname()[1])
+        state_dir = StateDir(server_args.state_dir)
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     engine_args = EngineArgs.from_cli_args(args)
 
     from strata.core.errors import ModelLoadError
@@ -56,7 +66,7 @@ def main_args(args: argparse.Namespace) -> int:
         return 2
 
     from strata.serve.server import serve
-    return serve(engine, server_args)
+    return serve(engine, server_args, sock=sock, state_dir=state_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

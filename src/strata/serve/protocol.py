@@ -73,6 +73,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
+    function_call: Any = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -254,10 +255,7 @@ def chat_sampling_params(r: ChatCompletionRequest) -> SamplingParams:
             raise ParameterError("top_logprobs", "top_logprobs requires logprobs to be true")
     if r.min_tokens and max_tokens is not None and r.min_tokens > max_tokens:
         raise ParameterError("min_tokens", f"min_tokens ({r.min_tokens}) must be <= {mt_param} ({max_tokens})")
-    if r.functions:
-        raise ParameterError("functions", "function calling is not supported by this server")
-    if r.tools and r.tool_choice not in (None, "none"):
-        raise ParameterError("tools", "tool calling is not supported by this server (use tool_choice 'none')")
+    _tool_checks(r)
     if r.continue_final_message and r.add_generation_prompt:
         raise ParameterError("continue_final_message", "continue_final_message and add_generation_prompt "
                                                        "cannot both be true")
@@ -265,6 +263,25 @@ def chat_sampling_params(r: ChatCompletionRequest) -> SamplingParams:
         raise ParameterError("echo", "echo is not supported for chat completions")
     logprobs = (r.top_logprobs or 0) if r.logprobs else None
     return _sampling(r, max_tokens=max_tokens, logprobs=logprobs)
+
+
+def _tool_checks(r: ChatCompletionRequest) -> None:
+    """Tool calling is not implemented: `tools` is refused unless `tool_choice` is "none" (then the tools are
+    accepted and not shown to the model), and so is every way of asking for a call."""
+    if r.functions:
+        raise ParameterError("functions", "function calling is not supported by this server")
+    if r.function_call not in (None, "none"):
+        raise ParameterError("function_call", "function calling is not supported by this server")
+    if r.tools:
+        if r.tool_choice is None:
+            raise ParameterError("tools", "tool calling is not supported by this server; send tools only with "
+                                          "tool_choice 'none'")
+        if r.tool_choice != "none":
+            raise ParameterError("tool_choice", f"tool_choice {r.tool_choice!r} is not supported by this server "
+                                                "(tool calling is not implemented; only 'none')")
+    elif r.tool_choice not in (None, "none"):
+        raise ParameterError("tool_choice", f"tool_choice {r.tool_choice!r} needs tools, and tool calling is not "
+                                            "supported by this server")
 
 
 # ---------------------------------------------------------------------------------------------- messages
