@@ -22,7 +22,7 @@ class ServerArgs:
     router_key: str | None = None
     advertise_url: str | None = None
     heartbeat_interval: float = 5.0
-    batch_dir: str | None = None
+    state_dir: str | None = None       # None: preflight.default_state_dir(port), resolved by the CLI
     batch_concurrency: int = 256
     chat_template: str | None = None
     log_level: str = "info"
@@ -75,7 +75,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--advertise-url", default=None,
                    help="URL the router should use to reach this server (default http://HOST:PORT)")
     g.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval)
-    g.add_argument("--batch-dir", default=None, help="where Batch API files live (default: a temporary directory)")
+    g.add_argument("--state-dir", "--batch-dir", dest="state_dir", default=None,
+                   help="where the Batch API keeps its files and batches, so they survive a restart; one server "
+                        "per directory (locked) (default: $XDG_STATE_HOME/strata/serve/HOSTNAME-PORT, "
+                        "XDG_STATE_HOME defaulting to ~/.local/state)")
     g.add_argument("--batch-concurrency", type=int, default=d.batch_concurrency,
                    help="requests of Batch API jobs in flight at once")
     g.add_argument("--chat-template", default=None, help="Jinja chat template (file path or the template itself)")

@@ -1,12 +1,20 @@
-"""The OpenAI Batch API: /v1/files and /v1/batches, run through this server's own engine.
+"""The OpenAI Batch API: /v1/files and /v1/batches, run through this server's own engine, kept on disk.
 
-Files live under `--batch-dir` (one data file and one JSON record per file id). A batch is validated as a
-whole first (every line an object with a unique `custom_id`, `method` POST, `url` equal to the batch's
-endpoint, an object `body`); a malformed input file fails the batch with `errors`, like OpenAI. Then every
-line runs as the same request would through the HTTP endpoint, at most `--batch-concurrency` at once
-(batch lines skip the --max-queued-requests admission check: their concurrency is bounded here).
-Results go to an output file (200s) and an error file (the rest), in OpenAI's line format:
+Everything lives under the state directory (`--state-dir`, locked by one server at a time):
+    files/<file id>.data, files/<file id>.json     uploaded and output files, and their records
+    batches/<batch id>.json                          the batch object, rewritten atomically on each state change
+    batches/<batch id>.results.jsonl                 one line per finished request, appended as it finishes
+Uploads stream to disk. A batch is validated as a whole first (every line an object with a unique
+`custom_id`, `method` POST, `url` equal to the batch's endpoint, an object `body`); a malformed input file
+fails the batch with `errors`, like OpenAI. Then every line runs as the same request would through the HTTP
+endpoint, at most `--batch-concurrency` at once (batch lines skip the --max-queued-requests admission check:
+their concurrency is bounded here). Each result is appended to the batch's results file (flushed at once,
+fsync'd in the background), so after a crash or a restart a `validating` or `in_progress` batch resumes with
+only the lines that have no result yet, and no `custom_id` is ever answered twice. At the end the results
+are split into an output file (200s) and an error file (the rest), in OpenAI's line format:
 `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`.
+A server that shuts down stops its batches where they are (in-flight lines are aborted, not recorded);
+the next server on the same state directory picks them up.
 """
 from __future__ import annotations
 
@@ -19,11 +27,12 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from starlette.responses import Response
+from starlette.requests import ClientDisconnect
+from starlette.responses import FileResponse, Response
 
 from strata.core.sampling_params import ParameterError
 from strata.serve.errors import APIError, from_exception
-from strata.serve.multipart import parse_multipart
+from strata.serve.multipart import MultipartParser
 from strata.serve.protocol import BatchCreateRequest, parse_json_object, parse_model
 
 logger = logging.getLogger("strata.serve.batch")
@@ -31,48 +40,101 @@ logger = logging.getLogger("strata.serve.batch")
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 FILE_PURPOSES = ("batch", "batch_output", "fine-tune", "assistants", "user_data", "evals")
 TERMINAL = ("completed", "failed", "cancelled", "expired")
+MAX_LINE_ERRORS = 1000        # errors reported for one malformed input file
+_READ_LINES = 512             # input lines read per trip to a worker thread
+_SERVER_GONE = ("server_shutting_down", "engine_dead")  # a line's 503 that is the server's fault: not recorded
 
 
 def _now() -> int:
     return int(time.time())
 
 
+def _write_atomic(path: str, data: bytes) -> None:
+    """Replace `path` with `data` all at once (write a temporary file, fsync it, rename it over)."""
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- files
+class Upload:
+    """An upload being streamed to a temporary file next to the final one."""
+
+    def __init__(self, store: "FileStore"):
+        self.id = store.new_id()
+        self.tmp = os.path.join(store.dir, f".upload-{self.id}.tmp")
+        self.f = open(self.tmp, "wb")
+
+    def write(self, data: bytes) -> None:
+        self.f.write(data)
+
+    def discard(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        _remove(self.tmp)
+
+
 class FileStore:
     def __init__(self, root: str):
-        self.root = root
-        os.makedirs(os.path.join(root, "files"), exist_ok=True)
+        self.dir = os.path.join(root, "files")
+        os.makedirs(self.dir, exist_ok=True)
         self._meta: dict[str, dict] = {}
-        for name in os.listdir(os.path.join(root, "files")):
-            if name.endswith(".json"):
+        names = set(os.listdir(self.dir))
+        for name in names:
+            path = os.path.join(self.dir, name)
+            if name.endswith(".tmp"):  # an upload or a write cut short by a crash
+                _remove(path)
+            elif name.endswith(".json"):
                 try:
-                    with open(os.path.join(root, "files", name)) as f:
+                    with open(path) as f:
                         meta = json.load(f)
                     self._meta[meta["id"]] = meta
                 except (OSError, ValueError, KeyError):
-                    continue
+                    logger.warning("ignoring unreadable file record %s", path)
+        for name in names:  # data whose record was never written (a crash in between)
+            if name.endswith(".data") and name[:-5] not in self._meta:
+                _remove(os.path.join(self.dir, name))
 
-    def path(self, file_id: str) -> str:
-        return os.path.join(self.root, "files", file_id + ".data")
-
-    def create(self, filename: str, purpose: str, data: bytes) -> dict:
-        fid = "file-" + uuid.uuid4().hex
-        with open(self.path(fid), "wb") as f:
-            f.write(data)
-        return self._record(fid, filename, purpose, len(data))
-
-    def create_from_path(self, fid: str, filename: str, purpose: str) -> dict:
-        return self._record(fid, filename, purpose, os.path.getsize(self.path(fid)))
-
-    def _record(self, fid: str, filename: str, purpose: str, size: int) -> dict:
-        meta = {"id": fid, "object": "file", "bytes": size, "created_at": _now(), "filename": filename,
-                "purpose": purpose, "status": "processed", "status_details": None}
-        with open(os.path.join(self.root, "files", fid + ".json"), "w") as f:
-            json.dump(meta, f)
-        self._meta[fid] = meta
-        return meta
+    def path(self, fid: str) -> str:
+        return os.path.join(self.dir, fid + ".data")
 
     def new_id(self) -> str:
         return "file-" + uuid.uuid4().hex
+
+    def begin_upload(self) -> Upload:
+        return Upload(self)
+
+    def commit_upload(self, up: Upload, filename: str, purpose: str) -> dict:
+        """Blocking (run it in a thread): make the upload durable, then record it."""
+        up.f.flush()
+        os.fsync(up.f.fileno())
+        up.f.close()
+        os.replace(up.tmp, self.path(up.id))
+        return self.record(up.id, filename, purpose)
+
+    def write(self, fid: str, filename: str, purpose: str, data_path: str) -> dict:
+        """Blocking: a file made by the server (a batch's output), moved into place and recorded."""
+        os.replace(data_path, self.path(fid))
+        return self.record(fid, filename, purpose)
+
+    def record(self, fid: str, filename: str, purpose: str) -> dict:
+        old = self._meta.get(fid)
+        meta = {"id": fid, "object": "file", "bytes": os.path.getsize(self.path(fid)),
+                "created_at": old["created_at"] if old else _now(), "filename": filename, "purpose": purpose,
+                "status": "processed", "status_details": None}
+        _write_atomic(os.path.join(self.dir, fid + ".json"), json.dumps(meta).encode())
+        self._meta[fid] = meta
+        return meta
 
     def get(self, fid: str) -> dict:
         meta = self._meta.get(fid)
@@ -84,78 +146,201 @@ class FileStore:
         return [m for m in sorted(self._meta.values(), key=lambda m: m["created_at"])
                 if purpose is None or m["purpose"] == purpose]
 
-    def read(self, fid: str) -> bytes:
-        self.get(fid)
-        with open(self.path(fid), "rb") as f:
-            return f.read()
-
     def delete(self, fid: str) -> dict:
         self.get(fid)
         del self._meta[fid]
-        for p in (self.path(fid), os.path.join(self.root, "files", fid + ".json")):
-            try:
-                os.remove(p)
-            except OSError:
-                pass
+        _remove(os.path.join(self.dir, fid + ".json"))  # the record first: data without one is swept at start
+        _remove(self.path(fid))
         return {"id": fid, "object": "file", "deleted": True}
 
 
-def validate_batch_lines(data: bytes, endpoint: str) -> tuple[list[dict], list[dict]]:
-    """(requests, errors) of an input file in OpenAI's batch format; errors carry the 1-based line."""
-    reqs, errors, seen = [], [], set()
+# ---------------------------------------------------------------------------------------------- input lines
+def _check_line(n: int, raw: bytes, endpoint: str, seen: set[str]) -> dict | None:
+    """The request on line n, or None for a blank line; raises _LineError for a malformed one."""
     try:
-        text = data.decode("utf-8")
+        line = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return [], [{"code": "invalid_encoding", "message": "the input file is not UTF-8", "param": None,
-                     "line": None}]
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+        raise _LineError("invalid_encoding", f"line {n} is not UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise _LineError("invalid_json_line", f"line {n} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise _LineError("invalid_request", f"line {n} must be a JSON object")
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        raise _LineError("missing_required_parameter", f"line {n} needs a string custom_id", "custom_id")
+    if cid in seen:
+        raise _LineError("duplicate_custom_id", f"line {n}: custom_id {cid!r} is not unique", "custom_id")
+    seen.add(cid)
+    if str(obj.get("method", "")).upper() != "POST":
+        raise _LineError("invalid_method", f"line {n}: method must be POST", "method")
+    if obj.get("url") != endpoint:
+        raise _LineError("mismatched_endpoint", f"line {n}: url {obj.get('url')!r} differs from the batch's "
+                                                f"endpoint {endpoint!r}", "url")
+    if not isinstance(obj.get("body"), dict):
+        raise _LineError("invalid_request", f"line {n}: body must be a JSON object", "body")
+    return obj
 
-        def err(code, msg, param=None):
-            errors.append({"code": code, "message": msg, "param": param, "line": n})
 
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            err("invalid_json_line", f"line {n} is not valid JSON: {e}")
-            continue
-        if not isinstance(obj, dict):
-            err("invalid_request", f"line {n} must be a JSON object")
-            continue
-        cid = obj.get("custom_id")
-        if not isinstance(cid, str) or not cid:
-            err("missing_required_parameter", f"line {n} needs a string custom_id", "custom_id")
-            continue
-        if cid in seen:
-            err("duplicate_custom_id", f"line {n}: custom_id {cid!r} is not unique", "custom_id")
-            continue
-        seen.add(cid)
-        if str(obj.get("method", "")).upper() != "POST":
-            err("invalid_method", f"line {n}: method must be POST", "method")
-            continue
-        if obj.get("url") != endpoint:
-            err("mismatched_endpoint", f"line {n}: url {obj.get('url')!r} differs from the batch's endpoint "
-                                       f"{endpoint!r}", "url")
-            continue
-        if not isinstance(obj.get("body"), dict):
-            err("invalid_request", f"line {n}: body must be a JSON object", "body")
-            continue
-        reqs.append(obj)
-    if not reqs and not errors:
+class _LineError(Exception):
+    def __init__(self, code: str, message: str, param: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.param = code, message, param
+
+
+def validate_input(path: str, endpoint: str) -> tuple[int, list[dict]]:
+    """Blocking: (number of requests, errors) of an input file in OpenAI's batch format, read line by line;
+    errors carry the 1-based line (at most MAX_LINE_ERRORS of them)."""
+    n_reqs, errors, seen = 0, [], set()
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                if _check_line(n, raw, endpoint, seen) is not None:
+                    n_reqs += 1
+            except _LineError as e:
+                if len(errors) < MAX_LINE_ERRORS:
+                    errors.append({"code": e.code, "message": e.message, "param": e.param, "line": n})
+    if not n_reqs and not errors:
         errors.append({"code": "empty_file", "message": "the input file has no requests", "param": None,
                        "line": None})
-    return reqs, errors
+    return n_reqs, errors
 
 
+def _read_requests(f, count: int) -> list[dict]:
+    """Blocking: up to `count` requests from an already validated input file ([] at its end)."""
+    out = []
+    while len(out) < count:
+        raw = f.readline()
+        if not raw:
+            break
+        if raw.strip():
+            out.append(json.loads(raw))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- results
+class Results:
+    """A batch's results file: one JSON line per finished request, appended and flushed as it finishes (a
+    process kill loses nothing), fsync'd by one background sync at a time (group commit)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.f = None
+        self._sync: asyncio.Task | None = None
+        self._again = False
+
+    def load(self) -> tuple[set[str], int, int]:
+        """Blocking: (custom_ids with a result, completed, failed). A line torn by a crash is cut off."""
+        ids, ok, failed, good = set(), 0, 0, 0
+        if os.path.exists(self.path):
+            with open(self.path, "rb") as f:
+                for raw in f:
+                    try:
+                        rec = json.loads(raw) if raw.endswith(b"\n") else None
+                    except ValueError:
+                        rec = None
+                    if rec is None:
+                        break
+                    good += len(raw)
+                    if rec["custom_id"] not in ids:
+                        ids.add(rec["custom_id"])
+                        ok, failed = (ok + 1, failed) if rec["error"] is None else (ok, failed + 1)
+            if good < os.path.getsize(self.path):
+                os.truncate(self.path, good)
+        self.f = open(self.path, "a", encoding="utf-8")
+        return ids, ok, failed
+
+    def append(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.f.flush()
+        if self._sync is None or self._sync.done():
+            self._sync = asyncio.get_running_loop().create_task(self._fsync())
+        else:
+            self._again = True  # the running sync may have started before this write: one more round
+
+    async def _fsync(self) -> None:
+        while True:
+            self._again = False
+            await asyncio.to_thread(os.fsync, self.f.fileno())
+            if not self._again:
+                return
+
+    async def close(self) -> None:
+        if self.f is None:
+            return
+        if self._sync is not None:
+            await asyncio.gather(self._sync, return_exceptions=True)
+        await asyncio.to_thread(os.fsync, self.f.fileno())
+        self.f.close()
+        self.f = None
+
+
+def split_results(results_path: str) -> tuple[list[str], list[str]]:
+    """Blocking: the output and error lines of a results file, the first result of each custom_id only."""
+    ok, bad, seen = [], [], set()
+    if os.path.exists(results_path):
+        with open(results_path, encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec["custom_id"] in seen:
+                    continue
+                seen.add(rec["custom_id"])
+                (ok if rec["error"] is None else bad).append(line)
+    return ok, bad
+
+
+# ---------------------------------------------------------------------------------------------- batches
 class BatchManager:
     def __init__(self, state, root: str | None = None):
         self.state = state
-        self.root = root or tempfile.mkdtemp(prefix="strata-batches-")
+        self.root = root or tempfile.mkdtemp(prefix="strata-state-")
         self.files = FileStore(self.root)
+        self.dir = os.path.join(self.root, "batches")
+        os.makedirs(self.dir, exist_ok=True)
         self.batches: dict[str, dict] = {}
+        for name in os.listdir(self.dir):
+            path = os.path.join(self.dir, name)
+            if name.endswith(".tmp"):
+                _remove(path)
+            elif name.endswith(".json"):
+                try:
+                    with open(path) as f:
+                        b = json.load(f)
+                    self.batches[b["id"]] = b
+                except (OSError, ValueError, KeyError):
+                    logger.warning("ignoring unreadable batch record %s", path)
         self._tasks: dict[str, asyncio.Task] = {}
         self._sem: asyncio.Semaphore | None = None
+        self._stopping = False
+
+    def _save(self, b: dict) -> None:
+        _write_atomic(os.path.join(self.dir, b["id"] + ".json"), json.dumps(b).encode())
+
+    def _results(self, bid: str) -> str:
+        return os.path.join(self.dir, bid + ".results.jsonl")
+
+    def _start(self, b: dict, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks[b["id"]] = t
+        t.add_done_callback(lambda _t, bid=b["id"]: self._tasks.get(bid) is _t and self._tasks.pop(bid))
+
+    def resume(self) -> None:
+        """At start-up: carry on with every batch a previous server left unfinished."""
+        for b in sorted(self.batches.values(), key=lambda b: b["created_at"]):
+            if b["status"] in TERMINAL:
+                continue
+            logger.info("resuming batch %s (%s)", b["id"], b["status"])
+            if b["status"] == "cancelling":
+                self._start(b, self._finish(b, "cancelled"))
+            elif b["expires_at"] is not None and _now() > b["expires_at"]:
+                self._start(b, self._finish(b, "expired"))
+            elif b["status"] == "finalizing":
+                self._start(b, self._finish(b, "completed"))
+            else:  # validating, in_progress
+                self._start(b, self._run(b))
 
     # ---- API
     def create(self, req: BatchCreateRequest) -> dict:
@@ -167,7 +352,7 @@ class BatchManager:
         if meta["purpose"] != "batch":
             raise ParameterError("input_file_id", f"file {req.input_file_id} has purpose {meta['purpose']!r}, "
                                                   "not 'batch'")
-        if self.state.draining:
+        if self.state.draining or self._stopping:
             raise APIError(503, "The server is shutting down and takes no new batches.",
                            code="server_shutting_down", headers={"Retry-After": "1"})
         bid = "batch_" + uuid.uuid4().hex
@@ -178,8 +363,9 @@ class BatchManager:
              "in_progress_at": None, "expires_at": now + 24 * 3600, "finalizing_at": None, "completed_at": None,
              "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
              "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.metadata}
+        self._save(b)
         self.batches[bid] = b
-        self._tasks[bid] = asyncio.create_task(self._run(b))
+        self._start(b, self._run(b))
         return b
 
     def get(self, bid: str) -> dict:
@@ -193,93 +379,132 @@ class BatchManager:
         if b["status"] in TERMINAL:
             raise APIError(409, f"Batch {bid} is already {b['status']}", code="batch_not_cancellable")
         if b["status"] != "cancelling":
-            b["status"] = "cancelling"
-            b["cancelling_at"] = _now()
+            b.update(status="cancelling", cancelling_at=_now())
+            self._save(b)
             t = self._tasks.get(bid)
-            if t is not None:
-                t.cancel()
+            if t is not None and not t.done():
+                t.cancel()  # its _run finishes the batch as cancelled
+            else:
+                self._start(b, self._finish(b, "cancelled"))
         return b
 
+    def delete_file(self, fid: str) -> dict:
+        for b in self.batches.values():
+            if b["input_file_id"] == fid and b["status"] not in TERMINAL:
+                raise APIError(409, f"File {fid} is the input of batch {b['id']}, which is {b['status']}; "
+                                    "cancel it or let it finish first", param="file_id", code="file_in_use")
+        return self.files.delete(fid)
+
     async def shutdown(self) -> None:
-        for t in self._tasks.values():
+        """Stop every batch where it is; unfinished ones stay on disk for the next server."""
+        self._stopping = True
+        tasks = list(self._tasks.values())
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---- running
     async def _run(self, b: dict) -> None:
         if self._sem is None:
             self._sem = asyncio.Semaphore(max(1, self.state.args.batch_concurrency))
-        out_id, err_id = self.files.new_id(), self.files.new_id()
-        out_f = err_f = None
-        counts = b["request_counts"]
+        results = Results(self._results(b["id"]))
+        pending: set[asyncio.Task] = set()
+        halted: list[str] = []  # set when the server, not a line, failed: stop, leave the rest for a restart
         try:
-            data = await asyncio.to_thread(self.files.read, b["input_file_id"])
-            reqs, errors = validate_batch_lines(data, b["endpoint"])
+            path = self.files.path(b["input_file_id"])
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"the input file {b['input_file_id']} is gone")
+            total, errors = await asyncio.to_thread(validate_input, path, b["endpoint"])
             if errors:
                 b.update(status="failed", failed_at=_now(), errors={"object": "list", "data": errors})
+                self._save(b)
                 return
-            counts["total"] = len(reqs)
-            b.update(status="in_progress", in_progress_at=_now())
-            out_f = open(self.files.path(out_id), "w", encoding="utf-8")
-            err_f = open(self.files.path(err_id), "w", encoding="utf-8")
-            shutdown_error: list[BaseException] = []
+            done, ok, failed = await asyncio.to_thread(results.load)
+            b["request_counts"] = counts = {"total": total, "completed": ok, "failed": failed}
+            if b["status"] != "in_progress":
+                b.update(status="in_progress", in_progress_at=_now())
+                self._save(b)
 
             async def one(line: dict) -> None:
-                async with self._sem:
-                    if shutdown_error:
-                        return
-                    status, body = await self._execute(b["endpoint"], line["body"])
-                if status == 503 and body.get("error", {}).get("code") == "server_shutting_down":
-                    shutdown_error.append(APIError(503, body["error"]["message"]))
+                status, body = await self._execute(b["endpoint"], line["body"])
+                err = body.get("error") or {}
+                if status == 503 and err.get("code") in _SERVER_GONE:
+                    halted.append(err.get("code"))
                     return
                 rec = {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": line["custom_id"],
                        "response": {"status_code": status, "request_id": body.get("id") or uuid.uuid4().hex,
                                     "body": body},
                        "error": None}
-                if status == 200:
-                    counts["completed"] += 1
-                    out_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                else:
-                    e = body.get("error") or {}
-                    rec["error"] = {"code": e.get("code") or e.get("type"), "message": e.get("message")}
-                    counts["failed"] += 1
-                    err_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                if status != 200:
+                    rec["error"] = {"code": err.get("code") or err.get("type"), "message": err.get("message")}
+                results.append(rec)
+                counts["completed" if status == 200 else "failed"] += 1
 
-            await asyncio.gather(*(one(r) for r in reqs))
-            b.update(status="finalizing", finalizing_at=_now())
-            self._close_files(b, out_f, err_f, out_id, err_id)
-            out_f = err_f = None
-            if shutdown_error:
-                b.update(status="failed", failed_at=_now(),
-                         errors={"object": "list", "data": [{"code": "server_shutdown", "line": None, "param": None,
-                                                             "message": str(shutdown_error[0])}]})
-            else:
-                b.update(status="completed", completed_at=_now())
+            with open(path, "rb") as f:
+                while not halted:
+                    lines = await asyncio.to_thread(_read_requests, f, _READ_LINES)
+                    if not lines:
+                        break
+                    for line in lines:
+                        if line["custom_id"] in done:
+                            continue
+                        await self._sem.acquire()
+                        if halted:
+                            self._sem.release()
+                            break
+                        t = asyncio.get_running_loop().create_task(one(line))
+                        pending.add(t)
+                        t.add_done_callback(pending.discard)
+                        t.add_done_callback(lambda _t: self._sem.release())  # even if cancelled unstarted
+            await asyncio.gather(*pending)
+            await results.close()
+            if halted:
+                logger.warning("batch %s stopped (%s); it resumes when the server restarts", b["id"], halted[0])
+                return
+            await self._finish(b, "completed")
         except asyncio.CancelledError:
-            if out_f is not None:
-                self._close_files(b, out_f, err_f, out_id, err_id)
-            b.update(status="cancelled", cancelled_at=_now())
+            await _cancel_all(pending)
+            await results.close()
+            if b["status"] == "cancelling":
+                await self._finish(b, "cancelled")
+            elif not self._stopping:
+                raise
         except Exception as e:  # noqa: BLE001 - a batch never takes the server down
             logger.exception("batch %s failed", b["id"])
-            if out_f is not None:
-                self._close_files(b, out_f, err_f, out_id, err_id)
-            b.update(status="failed", failed_at=_now(),
-                     errors={"object": "list", "data": [{"code": "internal_error", "message": str(e),
-                                                         "param": None, "line": None}]})
+            await _cancel_all(pending)
+            await results.close()
+            await self._finish(b, "failed", errors={"object": "list", "data": [
+                {"code": "internal_error", "message": str(e), "param": None, "line": None}]})
 
-    def _close_files(self, b, out_f, err_f, out_id, err_id) -> None:
-        out_f.close()
-        err_f.close()
-        if counts_have(self.files.path(out_id)):
-            self.files.create_from_path(out_id, f"{b['id']}_output.jsonl", "batch_output")
-            b["output_file_id"] = out_id
-        else:
-            os.remove(self.files.path(out_id))
-        if counts_have(self.files.path(err_id)):
-            self.files.create_from_path(err_id, f"{b['id']}_error.jsonl", "batch_output")
-            b["error_file_id"] = err_id
-        else:
-            os.remove(self.files.path(err_id))
+    async def _finish(self, b: dict, status: str, errors: dict | None = None) -> None:
+        """Write the output and error files from the results so far, then the batch's final state.
+        Idempotent: the file ids come from the batch id, so a crash in here is finished by the next server."""
+        if status == "completed":
+            b.update(status="finalizing", finalizing_at=b["finalizing_at"] or _now())
+            self._save(b)
+        hexid = b["id"].removeprefix("batch_")
+        out_id, err_id = f"file-{hexid}-output", f"file-{hexid}-errors"
+        ok, bad = await asyncio.to_thread(split_results, self._results(b["id"]))
+
+        def write(fid: str, lines: list[str], kind: str) -> str | None:
+            if not lines:
+                return None
+            tmp = os.path.join(self.files.dir, f"{fid}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(lines)
+                f.flush()
+                os.fsync(f.fileno())
+            self.files.write(fid, f"{b['id']}_{kind}.jsonl", "batch_output", tmp)
+            return fid
+
+        b["output_file_id"] = await asyncio.to_thread(write, out_id, ok, "output")
+        b["error_file_id"] = await asyncio.to_thread(write, err_id, bad, "error")
+        counts = b["request_counts"]
+        counts.update(completed=len(ok), failed=len(bad))
+        b.update({"status": status, f"{status}_at": _now()})
+        if errors is not None:
+            b["errors"] = errors
+        self._save(b)
 
     async def _execute(self, endpoint: str, body: dict) -> tuple[int, dict]:
         from strata.serve.chat import chat_response, start_chat
@@ -299,14 +524,21 @@ class BatchManager:
             return err.status, err.body()
 
 
-def counts_have(path: str) -> bool:
-    return os.path.getsize(path) > 0
+async def _cancel_all(tasks: set[asyncio.Task]) -> None:
+    tasks = set(tasks)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ---------------------------------------------------------------------------------------------- routes
+_FEED_BYTES = 1 << 20  # an upload is parsed (and written) in a worker thread, a MiB at a time
 
 
 def add_batch_routes(app: FastAPI, state) -> None:
     def mgr() -> BatchManager:
-        if state.batches is None:
-            state.batches = BatchManager(state, state.args.batch_dir)
+        if state.batches is None:  # an app built without serve() (in-process tests): a temporary directory
+            state.batches = BatchManager(state, state.args.state_dir)
         return state.batches
 
     def _json(obj, status=200):
@@ -314,16 +546,32 @@ def add_batch_routes(app: FastAPI, state) -> None:
 
     @app.post("/v1/files")
     async def upload(request: Request):
-        body = await request.body()
-        parts = parse_multipart(body, request.headers.get("content-type", ""))
-        if "file" not in parts:
-            raise ParameterError("file", "the form needs a 'file' part")
-        purpose = parts["purpose"].text().strip() if "purpose" in parts else ""
-        if purpose not in FILE_PURPOSES:
-            raise ParameterError("purpose", f"purpose must be one of {list(FILE_PURPOSES)}, got {purpose!r}")
-        f = parts["file"]
-        meta = await asyncio.to_thread(mgr().files.create, f.filename or "upload.jsonl", purpose, f.data)
-        return _json(meta)
+        files = mgr().files
+        up = await asyncio.to_thread(files.begin_upload)
+        try:
+            parser = MultipartParser(request.headers.get("content-type", ""),
+                                     lambda part: up if part.name == "file" else None)
+            buf = bytearray()
+            async for chunk in request.stream():
+                buf += chunk
+                if len(buf) >= _FEED_BYTES:
+                    await asyncio.to_thread(parser.feed, bytes(buf))
+                    buf.clear()
+            await asyncio.to_thread(parser.feed, bytes(buf))
+            parser.close()
+            parts = parser.parts
+            if "file" not in parts or parts["file"].filename is None:
+                raise ParameterError("file", "the form needs a 'file' part (a file, with a filename)")
+            purpose = parts["purpose"].text().strip() if "purpose" in parts else ""
+            if purpose not in FILE_PURPOSES:
+                raise ParameterError("purpose", f"purpose must be one of {list(FILE_PURPOSES)}, got {purpose!r}")
+            meta = await asyncio.to_thread(files.commit_upload, up, parts["file"].filename or "upload.jsonl",
+                                           purpose)
+            return _json(meta)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        finally:
+            await asyncio.to_thread(up.discard)  # nothing left to discard once committed
 
     @app.get("/v1/files")
     async def list_files(purpose: str | None = None):
@@ -335,12 +583,13 @@ def add_batch_routes(app: FastAPI, state) -> None:
 
     @app.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str):
-        data = await asyncio.to_thread(mgr().files.read, file_id)
-        return Response(data, media_type="application/octet-stream")
+        files = mgr().files
+        files.get(file_id)
+        return FileResponse(files.path(file_id), media_type="application/octet-stream")
 
     @app.delete("/v1/files/{file_id}")
     async def delete_file(file_id: str):
-        return _json(mgr().files.delete(file_id))
+        return _json(mgr().delete_file(file_id))
 
     @app.post("/v1/batches")
     async def create_batch(request: Request):
@@ -366,4 +615,4 @@ def add_batch_routes(app: FastAPI, state) -> None:
         return _json(mgr().cancel(batch_id))
 
 
-__all__ = ["BatchManager", "FileStore", "add_batch_routes", "validate_batch_lines"]
+__all__ = ["BatchManager", "FileStore", "add_batch_routes", "validate_input"]

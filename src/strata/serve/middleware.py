@@ -4,7 +4,8 @@
   key is compared with every configured key in constant time. `/health`, `/metrics`, `/version`, `/ping`
   stay open. CORS preflights pass (the CORS middleware sits outside this one).
 - A body larger than the limit is refused with 413, by Content-Length before reading, or while reading a
-  chunked body; the body read here is replayed to the app, so nothing is read twice.
+  chunked body; the body read here is replayed to the app, so nothing is read twice (file uploads are not
+  read here: they are counted as the app streams them to disk).
 - While draining, new API requests get 503 (health/metrics still answer).
 """
 from __future__ import annotations
@@ -75,6 +76,8 @@ class GuardMiddleware:
                         return await _send_error(send, _too_large(limit))
                 except ValueError:
                     return await _send_error(send, APIError(400, "invalid Content-Length header"))
+            if path == "/v1/files":  # uploads stream to disk: counted as they pass, never held whole
+                return await self.app(scope, _bounded(receive, limit), send)
             # read the whole body here (bounded), then replay it
             chunks, size = [], 0
             while True:
@@ -100,6 +103,20 @@ class GuardMiddleware:
 
             return await self.app(scope, replay, send)
         return await self.app(scope, receive, send)
+
+
+def _bounded(receive, limit: int):
+    """`receive` that raises 413 (answered by the app's error handler) once the body passes `limit`."""
+    size = 0
+
+    async def bounded():
+        nonlocal size
+        msg = await receive()
+        size += len(msg.get("body", b""))
+        if size > limit:
+            raise _too_large(limit)
+        return msg
+    return bounded
 
 
 def _too_large(limit: int) -> APIError:

@@ -2,7 +2,8 @@
 
 Shutdown sequence on the first SIGTERM or SIGINT:
 1. the server turns unhealthy (`/health` 503) and answers new API requests 503 (open connections too);
-2. it deregisters from its router, if it registered;
+2. it deregisters from its router, if it registered, and stops its Batch API jobs where they are (the lines in
+   flight are aborted; the jobs stay on disk and resume when a server starts on the same --state-dir);
 3. in-flight requests get up to `--shutdown-timeout` seconds to finish; what is left is aborted (streams
    get an SSE error event, non-streaming requests a 503);
 4. uvicorn stops; the engine thread stops; the process exits 0.
@@ -44,6 +45,8 @@ def make_lifespan(state: ServerState):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state.engine.start()
+        if state.batches is not None:
+            state.batches.resume()
         if state.args.register_with:
             from strata.serve.registration import RouterRegistration, advertised_url
             url = advertised_url(state.args.host, state.args.port, state.args.advertise_url,
@@ -75,6 +78,8 @@ async def drain(state: ServerState) -> None:
     state.draining = True
     if state.registration is not None:
         await state.registration.stop()
+    if state.batches is not None:
+        await state.batches.shutdown()
     t0 = time.monotonic()
     n_in = state.engine.num_in_flight
     failed = await state.engine.drain(state.args.shutdown_timeout)
@@ -113,12 +118,22 @@ def _uvicorn_server_class():
     return DrainingServer
 
 
-def serve(engine, args: ServerArgs) -> int:
+def serve(engine, args: ServerArgs, *, sock=None, state_dir=None) -> int:
+    """Serve until SIGTERM/SIGINT. `sock` (bound, not listening) and `state_dir` (a locked `StateDir`) come
+    from the CLI's checks before the model loaded; made here when not given."""
     import uvicorn
 
     from strata.serve.app import build_app
+    from strata.serve.batch_api import BatchManager
+    from strata.serve.preflight import StateDir, bind_socket, default_state_dir
 
+    if sock is None:
+        sock = bind_socket(args.host, args.port)
+    if state_dir is None:
+        args.state_dir = args.state_dir or default_state_dir(sock.getsockname()[1])
+        state_dir = StateDir(args.state_dir)
     state = build_state(engine, args)
+    state.batches = BatchManager(state, state_dir.path)
     app = build_app(state)
     app.router.lifespan_context = make_lifespan(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -127,9 +142,10 @@ def serve(engine, args: ServerArgs) -> int:
                             lifespan="on", loop="asyncio", http="h11" if _no_httptools() else "auto")
     server = _uvicorn_server_class()(config)
     server.state = state
-    logger.info("serving %s on http://%s:%d (max_model_len=%d)", state.model_name, args.host, args.port,
-                state.max_model_len)
-    server.run()
+    logger.info("serving %s on http://%s:%d (max_model_len=%d; Batch API state in %s)", state.model_name,
+                args.host, sock.getsockname()[1], state.max_model_len, state_dir.path)
+    server.run(sockets=[sock])
+    state_dir.release()
     return 0
 
 
