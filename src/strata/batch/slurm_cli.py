@@ -9,6 +9,9 @@ SLURM_NTASKS) and runs `--data-parallel-size = gpus-per-node / (tasks-per-node x
 node's GPUs, each worker a rank of its own writing `<stem>.rank<R><ext>`. After srun, the script merges the
 rank files into --output (also before, to fold in files an earlier, interrupted job left). Resubmitting the
 same script resumes. Ranks that failed can be rerun alone (`RANK=r WORLD_SIZE=w strata batch ...`).
+
+`strata slurm serve` (replicas of `strata serve` that join a router) is registered here too; its script is
+`strata.router.slurm`'s.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ from strata.batch.cli import add_batch_arguments
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("slurm", help="write Slurm job scripts")
-    sub = p.add_subparsers(dest="slurm_command", metavar="{batch}")
+    p = subparsers.add_parser("slurm", help="write Slurm job scripts (batch jobs, serving fleets)")
+    sub = p.add_subparsers(dest="slurm_command", metavar="{batch,serve}")
     b = sub.add_parser("batch", help="sbatch script that runs `strata batch` on several nodes",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = b.add_argument_group("slurm")
@@ -53,6 +56,12 @@ def register(subparsers) -> None:
     EngineArgs.add_cli_args(b)
     engine_actions = b._actions[engine_group_start:]
     b.set_defaults(func=lambda a: slurm_batch(a, batch_actions + engine_actions))
+    from strata.router import slurm as serve_slurm
+    s = sub.add_parser("serve", help="sbatch script that runs `strata serve` replicas registering with a router",
+                       description=serve_slurm.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve_slurm.add_slurm_serve_args(s)
+    s.add_argument("--script-output", default=None, help="write the script here instead of stdout")
+    s.set_defaults(func=slurm_serve)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
@@ -153,11 +162,27 @@ def slurm_batch(args: argparse.Namespace, actions: list[argparse.Action]) -> int
     except ValueError as e:
         print(f"strata slurm batch: error: {e}", file=sys.stderr)
         return 2
-    if args.script_output:
-        with open(args.script_output, "w") as f:
+    write_script(script, args.script_output)
+    return 0
+
+
+def write_script(script: str, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
             f.write(script)
-        os.chmod(args.script_output, 0o755)
-        print(f"wrote {args.script_output}; submit it with: sbatch {args.script_output}", file=sys.stderr)
+        os.chmod(path, 0o755)
+        print(f"wrote {path}; submit it with: sbatch {path}", file=sys.stderr)
     else:
         sys.stdout.write(script)
+
+
+def slurm_serve(args: argparse.Namespace) -> int:
+    from strata.router.slurm import SlurmServeError, render_serve_sbatch
+
+    try:
+        script = render_serve_sbatch(args)
+    except SlurmServeError as e:
+        print(f"strata slurm serve: error: {e}", file=sys.stderr)
+        return 2
+    write_script(script, args.script_output)
     return 0
