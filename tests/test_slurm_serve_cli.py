@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -43,6 +44,18 @@ def two_free_ports() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
+def wait_job_ended(job: str, env: dict, timeout: float = 120.0) -> str:
+    """The job's final state, once Slurm has finished it (every step's processes gone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        q = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True)
+        state = dict(kv.split("=", 1) for kv in q.stdout.split() if "=" in kv).get("JobState", "")
+        if state and state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED"):
+            return state
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job} still not ended after {timeout} s")
+
+
 def test_slurm_serve_replicas_register_serve_and_leave(slurm, tmp_path):
     model = write_tiny_model(tmp_path / "model")
     router = RouterProc(tmp_path, args=["--region", "hpc"]).start().wait_ready()
@@ -75,5 +88,6 @@ def test_slurm_serve_replicas_register_serve_and_leave(slurm, tmp_path):
         finally:
             subprocess.run(["scancel", job], timeout=30, env=env)
         router.wait_for(lambda: not router.fleet()["replicas"], 90, "replicas deregistered after scancel")
+        assert wait_job_ended(job, env) == "CANCELLED"
     finally:
         router.stop()
