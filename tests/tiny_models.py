@@ -17,6 +17,8 @@ def hf_config(arch: str, **over):
         return tf.LlamaConfig(**kw, tie_word_embeddings=True, rope_theta=500000.0,
                               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    if arch == "mistral":
+        return tf.MistralConfig(**kw, tie_word_embeddings=False)
     if arch == "qwen2":
         return tf.Qwen2Config(**kw, tie_word_embeddings=False)
     if arch == "qwen3":

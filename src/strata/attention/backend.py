@@ -48,11 +48,16 @@ def forward_context(meta: AttentionMetadata):
 
 
 class Attention(nn.Module):
-    """Paged attention for one layer. The runner binds `k_cache`/`v_cache` after allocating the pool."""
+    """Paged attention for one layer. The runner binds `k_cache`/`v_cache` after allocating the pool.
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
+    `sliding_window` (None = full causal attention): each query sees only its own key and the
+    sliding_window - 1 keys before it. Per layer, so models that mix windowed and full layers work."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
+                 sliding_window: int | None = None):
         super().__init__()
         self.num_heads, self.head_dim, self.num_kv_heads, self.scale = num_heads, head_dim, num_kv_heads, scale
+        self.sliding_window = sliding_window
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -79,17 +84,17 @@ class Attention(nn.Module):
     def _attend(self, q: torch.Tensor, m) -> torch.Tensor:
         T = q.shape[0]
         q = q.view(T, self.num_heads, self.head_dim)
-        nd = m.num_decode_tokens
+        nd, w = m.num_decode_tokens, self.sliding_window
         if nd == T:
             out = ops.paged_decode_attention(q, self.k_cache, self.v_cache, m.decode_block_tables,
-                                             m.decode_seq_lens, self.scale, m.decode_max_seq_len)
+                                             m.decode_seq_lens, self.scale, m.decode_max_seq_len, w)
         elif nd == 0:
             out = ops.paged_prefill_attention(q, self.k_cache, self.v_cache, m.prefill_block_tables,
-                                              m.prefill_query_start_loc, m.prefill_seq_lens, self.scale)
+                                              m.prefill_query_start_loc, m.prefill_seq_lens, self.scale, w)
         else:
             out = torch.empty_like(q)
             out[:nd] = ops.paged_decode_attention(q[:nd], self.k_cache, self.v_cache, m.decode_block_tables,
-                                                  m.decode_seq_lens, self.scale, m.decode_max_seq_len)
+                                                  m.decode_seq_lens, self.scale, m.decode_max_seq_len, w)
             out[nd:] = ops.paged_prefill_attention(q[nd:], self.k_cache, self.v_cache, m.prefill_block_tables,
-                                                   m.prefill_query_start_loc, m.prefill_seq_lens, self.scale)
+                                                   m.prefill_query_start_loc, m.prefill_seq_lens, self.scale, w)
         return out.view(T, self.num_heads * self.head_dim)

@@ -32,7 +32,19 @@ class ModelConfig:
     num_experts_per_tok: int | None = None
     moe_intermediate_size: int | None = None
     norm_topk_prob: bool = True
+    # Sliding-window attention: each query sees its own key and the sliding_window - 1 before it, on the
+    # layers in sliding_window_layers (None = every layer). sliding_window None = full attention everywhere.
+    sliding_window: int | None = None
+    sliding_window_layers: list[int] | None = None
     raw: dict = field(default_factory=dict, repr=False)
+
+    def layer_sliding_window(self, layer_idx: int) -> int | None:
+        """The attention window of layer `layer_idx` (global index), None for full attention."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_window_layers is not None and layer_idx not in self.sliding_window_layers:
+            return None
+        return self.sliding_window
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -44,6 +56,36 @@ def _req(d: dict, key: str) -> Any:
     if key not in d:
         raise ModelLoadError(f"config.json is missing the field {key!r}")
     return d[key]
+
+
+# transformers' default `sliding_window` where config.json leaves the key out
+_WINDOW_DEFAULT = {"MistralForCausalLM": 4096, "Qwen2ForCausalLM": 4096, "Qwen3ForCausalLM": 4096,
+                   "Qwen3MoeForCausalLM": 4096}
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _sliding_window(d: dict, arch: str, num_layers: int) -> tuple[int | None, list[int] | None]:
+    """(window, windowed layers or None for all), as transformers 5 reads them. Mistral and Mixtral window
+    every layer when `sliding_window` is set (null = off). Qwen2/3/3-MoE only when `use_sliding_window`;
+    Qwen2/3 then per layer: `layer_types` when given, else the layers from `max_window_layers` on. A Llama
+    config with `sliding_window` (a Mistral converted to GGUF as `llama`) windows every layer."""
+    if arch.startswith("Qwen") and not d.get("use_sliding_window", False):
+        return None, None
+    w = d.get("sliding_window", _WINDOW_DEFAULT.get(arch))
+    if w is None:
+        return None, None
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        raise ModelLoadError(f"config.json field 'sliding_window' must be a positive integer or null, got {w!r}")
+    if arch not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        return w, None
+    types = d.get("layer_types")
+    if types is None:
+        first = d.get("max_window_layers", 28)
+        return w, [i for i in range(num_layers) if i >= first]
+    if not isinstance(types, list) or len(types) != num_layers or any(t not in _LAYER_TYPES for t in types):
+        raise ModelLoadError(f"config.json field 'layer_types' must list one of {_LAYER_TYPES} per layer "
+                             f"({num_layers}), got {types!r}")
+    return w, [i for i, t in enumerate(types) if t == "sliding_attention"]
 
 
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
@@ -58,12 +100,14 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
     eos = d.get("eos_token_id")
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     is_qwen = arch.startswith("Qwen")
+    num_layers = _req(d, "num_hidden_layers")
+    window, window_layers = _sliding_window(d, arch, num_layers)
     return ModelConfig(
         architecture=arch,
         vocab_size=_req(d, "vocab_size"),
         hidden_size=hidden,
         intermediate_size=d.get("intermediate_size") or 0,
-        num_hidden_layers=_req(d, "num_hidden_layers"),
+        num_hidden_layers=num_layers,
         num_attention_heads=heads,
         num_key_value_heads=d.get("num_key_value_heads") or heads,
         head_dim=d.get("head_dim") or hidden // heads,
@@ -80,5 +124,7 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
         num_experts_per_tok=d.get("num_experts_per_tok"),
         moe_intermediate_size=d.get("moe_intermediate_size") or (d.get("intermediate_size") if d.get("num_local_experts") else None),
         norm_topk_prob=bool(d.get("norm_topk_prob", True)) if is_qwen else True,
+        sliding_window=window,
+        sliding_window_layers=window_layers,
         raw=d,
     )

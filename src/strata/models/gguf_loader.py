@@ -322,8 +322,8 @@ def gguf_to_hf_config(header: GGUFHeader) -> dict[str, Any]:
             scaling["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
         cfg["rope_scaling"] = scaling
     sliding = get("attention.sliding_window")
-    if sliding:
-        cfg["sliding_window"] = int(sliding)
+    if sliding:  # a window on every layer; Qwen's config.json spelling needs the switch and the first layer too
+        cfg.update(sliding_window=int(sliding), use_sliding_window=True, max_window_layers=0)
     return cfg
 
 

@@ -1,6 +1,7 @@
-"""Llama-family decoder: LlamaForCausalLM (Llama 2/3, SmolLM2, Mistral-style dense),
-Qwen2ForCausalLM (QKV bias) and Qwen3ForCausalLM (per-head q/k RMSNorm). One implementation, three
-configurations; pipeline stages hold a contiguous layer range."""
+"""Llama-family decoder: LlamaForCausalLM (Llama 2/3, SmolLM2), MistralForCausalLM (sliding window),
+Qwen2ForCausalLM (QKV bias) and Qwen3ForCausalLM (per-head q/k RMSNorm). One implementation, several
+configurations; pipeline stages hold a contiguous layer range. Sliding-window attention is per layer
+(`ModelConfig.layer_sliding_window`)."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -32,7 +33,8 @@ class DecoderLayer(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.attn = Attention(self.num_heads, d, self.num_kv_heads, d ** -0.5)
+        self.attn = Attention(self.num_heads, d, self.num_kv_heads, d ** -0.5,
+                              sliding_window=cfg.layer_sliding_window(layer_idx))
         self.build_mlp(cfg, dtype, layer_idx)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)

@@ -69,18 +69,23 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           max_seq_len: int | None = None) -> torch.Tensor:
+                           max_seq_len: int | None = None, sliding_window: int | None = None) -> torch.Tensor:
     if use_triton(q):
-        return _tk.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
-    return ref.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
+        return _tk.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len,
+                                          sliding_window=sliding_window)
+    return ref.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len,
+                                      sliding_window)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                            seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                            seq_lens: torch.Tensor, scale: float,
+                            sliding_window: int | None = None) -> torch.Tensor:
     if use_triton(q):
-        return _tk.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
-    return ref.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+        return _tk.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                           sliding_window=sliding_window)
+    return ref.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                       sliding_window)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -4,6 +4,9 @@ Paged KV-cache layout, shared by every backend:
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     slot = block_id * block_size + offset_in_block; slot -1 means "do not write" (padding).
     block_tables: [num_seqs, max_blocks_per_seq] int32, padded with 0 (never read past seq_lens).
+
+Sliding window (`sliding_window` W, None or 0 = off): the query at position p sees keys p - W + 1 .. p, its
+own key and the W - 1 before it (transformers' `kv_idx > q_idx - sliding_window`).
 """
 from __future__ import annotations
 
@@ -34,12 +37,12 @@ DECODE_GROUP = 16  # CPU: sequences of similar length are padded together, in gr
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           max_seq_len: int | None = None) -> torch.Tensor:
+                           max_seq_len: int | None = None, sliding_window: int | None = None) -> torch.Tensor:
     """One query token per sequence. On CPU, large batches are sorted by length and attended in groups, so
     that a short sequence is not padded (gathered and masked) to the longest one in the batch."""
     B = q.shape[0]
     if q.device.type != "cpu" or B <= DECODE_GROUP:
-        return _decode_padded(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
+        return _decode_padded(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, sliding_window)
     lens = seq_lens.tolist()
     order = sorted(range(B), key=lens.__getitem__)
     out = torch.empty_like(q)
@@ -47,13 +50,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         idx = order[i:i + DECODE_GROUP]
         rows = torch.tensor(idx)
         out[rows] = _decode_padded(q[rows], k_cache, v_cache, block_tables[rows], seq_lens[rows], scale,
-                                   lens[idx[-1]])
+                                   lens[idx[-1]], sliding_window)
     return out
 
 
 def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                   max_seq_len: int | None = None) -> torch.Tensor:
+                   max_seq_len: int | None = None, sliding_window: int | None = None) -> torch.Tensor:
     """One query token per sequence. q: [B, H, d]; seq_lens: [B] (context incl. the query token).
 
     Returns [B, H, d]. Gathers every sequence's keys padded to the longest and masks the tail; one fused
@@ -67,7 +70,11 @@ def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     k = k_cache.index_select(0, idx).view(B, nblk * bs, kvh, d)[:, :L].transpose(1, 2)  # [B, kvh, L, d]
     v = v_cache.index_select(0, idx).view(B, nblk * bs, kvh, d)[:, :L].transpose(1, 2)
     pos = torch.arange(L, device=q.device)
-    mask = (pos[None, :] < seq_lens[:, None].to(pos.device)).view(B, 1, 1, L)
+    lens = seq_lens[:, None].to(pos.device)
+    mask = pos[None, :] < lens
+    if sliding_window:
+        mask &= pos[None, :] >= lens - sliding_window
+    mask = mask.view(B, 1, 1, L)
     out = F.scaled_dot_product_attention(q.view(B, H, 1, d), k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                          scale=scale, enable_gqa=kvh != H)
     return out.view(B, H, d)
@@ -75,12 +82,14 @@ def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                            seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                            seq_lens: torch.Tensor, scale: float,
+                            sliding_window: int | None = None) -> torch.Tensor:
     """Varlen causal attention over the paged cache (new tokens already written to it).
 
     q: [T, H, d], tokens of sequence b are q[query_start_loc[b]:query_start_loc[b+1]].
     seq_lens[b] = context length after this step; query token i of sequence b sits at position
-    seq_lens[b] - q_len_b + i and sees keys 0..that position (cached prefix included).
+    seq_lens[b] - q_len_b + i and sees keys 0..that position (cached prefix included), or only the last
+    `sliding_window` of them. Keys older than every query's window are not gathered.
     """
     T, H, d = q.shape
     kvh = k_cache.shape[2]
@@ -92,19 +101,22 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         n = e - s
         if n == 0:
             continue
-        k = gather_kv(k_cache, block_tables[b], L)  # [L, kvh, d]
-        v = gather_kv(v_cache, block_tables[b], L)
+        lo = max(0, L - n - sliding_window + 1) if sliding_window else 0  # first key any query here sees
+        k = gather_kv(k_cache, block_tables[b], L)[lo:]  # [L - lo, kvh, d]
+        v = gather_kv(v_cache, block_tables[b], L)[lo:]
         # [1, heads, tokens, d], contiguous: the fused CPU kernels need it (strided inputs ran 5x slower)
         qb = q[s:e].transpose(0, 1).contiguous().unsqueeze(0)
         kb = k.transpose(0, 1).to(q.dtype).contiguous().unsqueeze(0)
         vb = v.transpose(0, 1).to(q.dtype).contiguous().unsqueeze(0)
         gqa = kvh != H
-        if n == L:
+        if n == L and not sliding_window:
             o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
             qpos = torch.arange(L - n, L, device=q.device)
-            kpos = torch.arange(L, device=q.device)
-            mask = kpos[None, :] <= qpos[:, None]  # [n, L]
+            kpos = torch.arange(lo, L, device=q.device)
+            mask = kpos[None, :] <= qpos[:, None]  # [n, L - lo]
+            if sliding_window:
+                mask &= kpos[None, :] > qpos[:, None] - sliding_window
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[s:e] = o[0].transpose(0, 1)
     return out

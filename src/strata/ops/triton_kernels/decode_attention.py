@@ -13,6 +13,10 @@ Split-KV is what keeps enough programs in flight when B * kvh is small next to t
 Each sequence is cut by its own length: partition_b = max(min_part, roundup(cdiv(seq_len_b, S), TILE)),
 so S (chosen from B alone) needs neither max_seq_len nor a device sync, a CUDA graph captured for a batch
 size does the same work as eager at every context length, and no programs are launched only to exit.
+
+Sliding window (a runtime int, so one compiled kernel serves every layer and step): only the last `window`
+keys of a sequence are visible, so the walk starts at seq_len - window and the split cuts that range, not
+the whole context; blocks older than the window are never read. NO_WINDOW stands for "no window".
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ MAX_SPLITS = 64
 DEFAULT_TILE = 64
 DEFAULT_WARPS = 4
 DEFAULT_STAGES = 2
+NO_WINDOW = 1 << 30  # a window longer than any context: every key is visible
 
 
 @triton.jit
@@ -41,13 +46,20 @@ def _partition_len(seq_len, num_splits, min_part, TILE: tl.constexpr):
     return tl.maximum(min_part, tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE)
 
 
+@triton.jit
+def _window_start(seq_len, window):
+    """Position of the oldest key the query (at seq_len - 1) sees."""
+    return tl.maximum(seq_len - window, 0)
+
+
 # Ints that change from step to step (split count, block-table width, partition strides) are not specialised
 # on (==1, %16): each value class would otherwise compile its own variant in the middle of serving.
-@triton.jit(do_not_specialize=["num_splits", "min_part", "s_btb", "s_lb", "s_lh"])
+@triton.jit(do_not_specialize=["num_splits", "min_part", "window", "s_btb", "s_lb", "s_lh"])
 def _decode_stage1_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     qk_scale,                                   # softmax scale * log2(e)
     num_splits, min_part,                       # S (grid axis 2) and the shortest partition, see above
+    window,                                     # sliding window in tokens (NO_WINDOW = none)
     s_qb, s_qh, s_ob, s_oh,                     # q / out: [B, H, d], last dim contiguous
     s_cb, s_cs, s_ch,                           # caches: [num_blocks, block_size, kvh, d], same strides
     s_btb,                                      # block_tables row stride
@@ -61,14 +73,15 @@ def _decode_stage1_kernel(
     kh = tl.program_id(1)
     sp = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    lo = _window_start(seq_len, window)
     if SPLIT:
-        part = _partition_len(seq_len, num_splits, min_part, TILE)
-        start = sp * part
+        part = _partition_len(seq_len - lo, num_splits, min_part, TILE)
+        start = lo + sp * part
         if start >= seq_len:
             return  # stage 2 only reads the partitions that hold tokens
         end = tl.minimum(seq_len, start + part)
     else:
-        start = 0
+        start = lo
         end = seq_len
 
     g = tl.arange(0, G_P2)
@@ -117,9 +130,9 @@ def _decode_stage1_kernel(
         tl.store(out_ptr + b * s_ob + h[:, None] * s_oh + d[None, :], o.to(out_ptr.dtype.element_ty), mask=qmask)
 
 
-@triton.jit(do_not_specialize=["num_splits", "min_part", "s_lb", "s_lh"])
+@triton.jit(do_not_specialize=["num_splits", "min_part", "window", "s_lb", "s_lh"])
 def _decode_stage2_kernel(
-    part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, num_splits, min_part,
+    part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, num_splits, min_part, window,
     s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
     CHUNK: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, TILE: tl.constexpr,
 ):
@@ -127,6 +140,7 @@ def _decode_stage2_kernel(
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    seq_len = seq_len - _window_start(seq_len, window)  # the keys stage 1 cut into partitions
     n = tl.cdiv(seq_len, _partition_len(seq_len, num_splits, min_part, TILE))
     c = tl.arange(0, CHUNK)
     d = tl.arange(0, D_P2)
@@ -172,7 +186,8 @@ def choose_num_splits(batch: int, num_kv_heads: int, device: torch.device,
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           max_seq_len: int | None = None, *, num_splits: int | None = None,
+                           max_seq_len: int | None = None, *, sliding_window: int | None = None,
+                           num_splits: int | None = None,
                            min_partition: int | None = None, partition_size: int | None = None,
                            tile: int | None = None, num_warps: int | None = None,
                            num_stages: int | None = None) -> torch.Tensor:
@@ -180,6 +195,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     seq_lens [B] (context including the query token). Returns [B, H, d] in q's dtype.
 
     No device sync: max_seq_len is optional and, when given, only lets short batches skip the split.
+    sliding_window: the query sees only the last `sliding_window` keys (None or 0 = all).
 
     Keyword-only knobs (the dispatcher never passes them): num_splits (None = choose_num_splits, 1 = no split,
     S = each sequence cut into up to S pieces of at least min_partition tokens, default MIN_PARTITION);
@@ -198,6 +214,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if block_tables.stride(-1) != 1:
         block_tables = block_tables.contiguous()
     G = H // kvh
+    window = int(sliding_window) if sliding_window else NO_WINDOW
+    if max_seq_len is not None:
+        max_seq_len = min(int(max_seq_len), window)  # what one sequence can attend to
     tile = int(tile or DEFAULT_TILE)
     num_warps = int(num_warps or DEFAULT_WARPS)
     num_stages = int(num_stages or DEFAULT_STAGES)
@@ -205,7 +224,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if partition_size is not None:
         if partition_size > 0:
             # S pieces of exactly min_part: cdiv(len, S) <= min_part for every len <= L.
-            L = max(1, int(max_seq_len) if max_seq_len is not None else int(seq_lens.max()))
+            L = max(1, int(max_seq_len) if max_seq_len is not None else min(int(seq_lens.max()), window))
             min_part = triton.cdiv(int(partition_size), tile) * tile
             num_splits = triton.cdiv(L, min_part)
         else:
@@ -228,7 +247,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_o = out  # unused
         part_lse = out
     _decode_stage1_kernel[(B, kvh, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse, qk_scale, num_splits, min_part,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse, qk_scale, num_splits, min_part, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2) if split else 0,
@@ -238,7 +257,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     )
     if split:
         _decode_stage2_kernel[(B, H)](
-            part_o, part_lse, seq_lens, out, num_splits, min_part,
+            part_o, part_lse, seq_lens, out, num_splits, min_part, window,
             part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
             CHUNK=min(16, next_pow2(num_splits)), D=D, D_P2=D_P2, TILE=tile, num_warps=2,

@@ -10,6 +10,9 @@ starts at or below its id, and spare slots exit at once. So the launch needs no 
 Within a sequence, slots map to query tiles last-first, so the tiles with the most keys start earliest.
 Each program owns BLOCK_M queries of one head: key tiles wholly below its first query's position run
 without a mask, the diagonal tiles with the causal mask, nothing beyond its last query's position.
+
+Sliding window W (a runtime int; NO_WINDOW = none): query p sees keys p - W + 1 .. p. Key tiles wholly older
+than the first query's window are skipped; those older than the last query's window edge run with the mask.
 """
 from __future__ import annotations
 
@@ -20,11 +23,12 @@ import triton.language as tl
 from strata.ops.triton_kernels._utils import dot_precision, interpreting, mm, next_pow2
 
 _LOG2E = 1.4426950408889634
+NO_WINDOW = 1 << 30  # a window longer than any context: every key is visible
 
 
 @triton.jit
 def _prefill_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, head_off, n0, kv_len, qpos, d,
-                  s_cb, s_cs, qk_scale,
+                  s_cb, s_cs, qk_scale, window,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
                   MASKED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -52,11 +56,14 @@ def _prefill_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, head_off, 
             v = tl.load(v_cache_ptr + ptrs, mask=dmask, other=0.0)
     s = mm(q, tl.trans(k.to(q.dtype)), DOT_PREC, INTERP) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASKED:
-        visible = (offs_n[None, :] <= qpos[:, None]) & nmask[None, :]
+        visible = (offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] > qpos[:, None] - window) & nmask[None, :]
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_use = m_new
+    if MASKED:  # a row may see none of these keys yet (window edge): keep exp2(-inf - -inf) from making NaN
+        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + mm(p.to(q.dtype), v.to(q.dtype), DOT_PREC, INTERP)
     return acc, m_new, l_i
@@ -64,10 +71,10 @@ def _prefill_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, head_off, 
 
 # Ints that change from step to step are not specialised on (==1, %16): each value class would otherwise
 # compile its own variant in the middle of serving.
-@triton.jit(do_not_specialize=["num_seqs", "s_btb"])
+@triton.jit(do_not_specialize=["num_seqs", "window", "s_btb"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
-    qk_scale, num_seqs,
+    qk_scale, num_seqs, window,
     s_qt, s_qh, s_ot, s_oh,                     # q / out: [T, H, d], last dim contiguous
     s_cb, s_cs, s_ch,                           # caches: [num_blocks, block_size, kvh, d]
     s_btb,
@@ -109,29 +116,41 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, D_P2], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * s_btb
     head_off = (h // G).to(tl.int64) * s_ch
-    # Keys below the tile's first query position are visible to every row: whole tiles of them go unmasked.
-    full_end = ((ctx + mt * BLOCK_M) // BLOCK_N) * BLOCK_N
-    for n0 in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, head_off, n0, kv_len,
-                                      qpos, d, s_cb, s_cs, qk_scale, BLOCK_SIZE, BLOCK_N, D, D_P2, False,
-                                      DOT_PREC, INTERP)
+    # Keys at or below the tile's first query position and inside its last query's window are visible to
+    # every row: whole tiles of them go unmasked. Tiles before that (window edge) and after (diagonal) are
+    # masked; tiles wholly older than the first query's window are skipped.
+    first_q = ctx + mt * BLOCK_M
     kv_end = tl.minimum(kv_len, ctx + (mt + 1) * BLOCK_M)
+    win_start = (tl.maximum(first_q - window + 1, 0) // BLOCK_N) * BLOCK_N
+    full_end = (first_q // BLOCK_N) * BLOCK_N
+    full_start = tl.minimum(tl.cdiv(tl.maximum(kv_end - window, 0), BLOCK_N) * BLOCK_N, full_end)
+    for n0 in range(win_start, full_start, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, head_off, n0, kv_len,
+                                      qpos, d, s_cb, s_cs, qk_scale, window, BLOCK_SIZE, BLOCK_N, D, D_P2, True,
+                                      DOT_PREC, INTERP)
+    for n0 in range(full_start, full_end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, head_off, n0, kv_len,
+                                      qpos, d, s_cb, s_cs, qk_scale, window, BLOCK_SIZE, BLOCK_N, D, D_P2, False,
+                                      DOT_PREC, INTERP)
     for n0 in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, head_off, n0, kv_len,
-                                      qpos, d, s_cb, s_cs, qk_scale, BLOCK_SIZE, BLOCK_N, D, D_P2, True,
+                                      qpos, d, s_cb, s_cs, qk_scale, window, BLOCK_SIZE, BLOCK_N, D, D_P2, True,
                                       DOT_PREC, INTERP)
-    o = acc / l_i[:, None]  # every row sees key 0, so l_i > 0
+    # every query row sees its own key, so l_i > 0; only the padding rows past q_len can have none in the window
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * s_ot + h * s_oh + d[None, :], o.to(out_ptr.dtype.element_ty), mask=qmask)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                            seq_lens: torch.Tensor, scale: float, *, block_m: int | None = None,
+                            seq_lens: torch.Tensor, scale: float, *, sliding_window: int | None = None,
+                            block_m: int | None = None,
                             block_n: int | None = None, num_warps: int | None = None,
                             num_stages: int | None = None) -> torch.Tensor:
     """q: [T, H, d]; query_start_loc: [B+1]; seq_lens: [B]. Returns [T, H, d] in q's dtype.
 
     Rows of q outside every [query_start_loc[b], query_start_loc[b+1]) range are left unwritten.
+    sliding_window: each query sees only its own key and the sliding_window - 1 before it (None or 0 = all).
     Keyword-only knobs are for benchmarks; the dispatcher never passes them.
     """
     T, H, D = q.shape
@@ -155,6 +174,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     grid = (T // block_m + B, H)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, float(scale) * _LOG2E, B,
+        int(sliding_window) if sliding_window else NO_WINDOW,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         G=H // kvh, D=D, D_P2=D_P2, BLOCK_SIZE=bs, BLOCK_M=block_m, BLOCK_N=block_n, B_P2=next_pow2(B),
