@@ -319,6 +319,21 @@ def test_resume_drops_torn_line_and_skips_done(tmp_path):
     assert [r["text"] for r in rows[:10]] == ["old"] * 10
 
 
+def lines_in(path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def wait_rows(p: subprocess.Popen, path, rows: int, timeout: float = 120.0) -> bool:
+    """Until `path` holds `rows` complete lines (True) or the process `p` has exited (False)."""
+    deadline = time.monotonic() + timeout
+    while lines_in(path) < rows:
+        if p.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, f"{path}: {lines_in(path)} of {rows} rows after {timeout} s"
+        time.sleep(0.01)
+    return True
+
+
 def test_sigkill_at_random_moments_every_id_once(tmp_path):
     """A writer process killed with SIGKILL mid-run, repeatedly: the output never holds a torn line after a
     resume and every id ends up exactly once (the real-engine variant is in test_batch_e2e.py)."""
@@ -336,9 +351,10 @@ def test_sigkill_at_random_moments_every_id_once(tmp_path):
     rng = random.Random(1234)
     kills = 0
     for _ in range(8):
+        start = lines_in(out)
         p = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.4, 1.0))
-        if p.poll() is not None:
+        # kill once this run has written a random number of rows (at most 400: three runs cannot finish 3000)
+        if not wait_rows(p, out, start + rng.randint(1, 400)):
             break
         p.send_signal(signal.SIGKILL)
         p.wait()
@@ -367,8 +383,7 @@ def test_sigterm_stops_cleanly_and_resumes(tmp_path):
         sys.exit(run_batch(args, engine=EchoEngine(per_step=2, delay=0.01)))
     """)
     p = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
-    while not out.exists() or out.stat().st_size == 0:
-        time.sleep(0.05)
+    assert wait_rows(p, out, 1), p.communicate()[1]
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM, err
