@@ -92,6 +92,8 @@ def test_batch_survives_sigkill_and_resumes(model_dir, tmp_path):
         srv.stop()
     before = _results(state_dir, b.id)
     assert 2 <= len(before) < N_LINES, f"{len(before)} lines done at the kill: the batch was not mid-flight"
+    with open(os.path.join(state_dir, "batches", f"{b.id}.results.jsonl"), "a") as fh:
+        fh.write('{"id": "batch_req_torn", "custom_id": "req-')  # as if killed in the middle of a write
 
     srv = ServerProcess(model_dir, *args, log_path=str(tmp_path / "server2.log")).start()
     try:

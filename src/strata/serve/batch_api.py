@@ -233,6 +233,12 @@ class Results:
         self._again = False
 
     def load(self) -> tuple[set[str], int, int]:
+        """Blocking: scan() the results so far, then open the file for appending."""
+        found = self.scan()
+        self.f = open(self.path, "a", encoding="utf-8")
+        return found
+
+    def scan(self) -> tuple[set[str], int, int]:
         """Blocking: (custom_ids with a result, completed, failed). A line torn by a crash is cut off."""
         ids, ok, failed, good = set(), 0, 0, 0
         if os.path.exists(self.path):
@@ -250,7 +256,6 @@ class Results:
                         ok, failed = (ok + 1, failed) if rec["error"] is None else (ok, failed + 1)
             if good < os.path.getsize(self.path):
                 os.truncate(self.path, good)
-        self.f = open(self.path, "a", encoding="utf-8")
         return ids, ok, failed
 
     def append(self, rec: dict) -> None:
@@ -276,20 +281,6 @@ class Results:
         await asyncio.to_thread(os.fsync, self.f.fileno())
         self.f.close()
         self.f = None
-
-
-def split_results(results_path: str) -> tuple[list[str], list[str]]:
-    """Blocking: the output and error lines of a results file, the first result of each custom_id only."""
-    ok, bad, seen = [], [], set()
-    if os.path.exists(results_path):
-        with open(results_path, encoding="utf-8") as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec["custom_id"] in seen:
-                    continue
-                seen.add(rec["custom_id"])
-                (ok if rec["error"] is None else bad).append(line)
-    return ok, bad
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -339,7 +330,9 @@ class BatchManager:
                 self._start(b, self._finish(b, "expired"))
             elif b["status"] == "finalizing":
                 self._start(b, self._finish(b, "completed"))
-            else:  # validating, in_progress
+            else:  # validating, in_progress: the counts are right from the first retrieve on
+                _, ok, failed = Results(self._results(b["id"])).scan()
+                b["request_counts"].update(completed=ok, failed=failed)
                 self._start(b, self._run(b))
 
     # ---- API
@@ -483,28 +476,45 @@ class BatchManager:
             b.update(status="finalizing", finalizing_at=b["finalizing_at"] or _now())
             self._save(b)
         hexid = b["id"].removeprefix("batch_")
-        out_id, err_id = f"file-{hexid}-output", f"file-{hexid}-errors"
-        ok, bad = await asyncio.to_thread(split_results, self._results(b["id"]))
-
-        def write(fid: str, lines: list[str], kind: str) -> str | None:
-            if not lines:
-                return None
-            tmp = os.path.join(self.files.dir, f"{fid}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(lines)
-                f.flush()
-                os.fsync(f.fileno())
-            self.files.write(fid, f"{b['id']}_{kind}.jsonl", "batch_output", tmp)
-            return fid
-
-        b["output_file_id"] = await asyncio.to_thread(write, out_id, ok, "output")
-        b["error_file_id"] = await asyncio.to_thread(write, err_id, bad, "error")
+        ids = await asyncio.to_thread(self._write_outputs, b, f"file-{hexid}-output", f"file-{hexid}-errors")
+        b["output_file_id"], b["error_file_id"], n_ok, n_bad = ids
         counts = b["request_counts"]
-        counts.update(completed=len(ok), failed=len(bad))
+        counts.update(completed=n_ok, failed=n_bad)
         b.update({"status": status, f"{status}_at": _now()})
         if errors is not None:
             b["errors"] = errors
         self._save(b)
+
+    def _write_outputs(self, b: dict, out_id: str, err_id: str) -> tuple[str | None, str | None, int, int]:
+        """Blocking: split the results file, streaming, into the output file (200s) and the error file (the
+        rest), the first result of each custom_id only. (output id or None if empty, error id or None, #ok,
+        #errors)"""
+        path = self._results(b["id"])
+        Results(path).scan()  # cuts off a line torn by a crash
+        tmp = {fid: os.path.join(self.files.dir, f"{fid}.{uuid.uuid4().hex}.tmp") for fid in (out_id, err_id)}
+        n = {out_id: 0, err_id: 0}
+        seen = set()
+        with open(tmp[out_id], "w", encoding="utf-8") as ok, open(tmp[err_id], "w", encoding="utf-8") as bad:
+            sink = {out_id: ok, err_id: bad}
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    for line in f:
+                        rec = json.loads(line)
+                        if rec["custom_id"] in seen:
+                            continue
+                        seen.add(rec["custom_id"])
+                        fid = out_id if rec["error"] is None else err_id
+                        sink[fid].write(line)
+                        n[fid] += 1
+            for f in (ok, bad):
+                f.flush()
+                os.fsync(f.fileno())
+        for fid, kind in ((out_id, "output"), (err_id, "error")):
+            if n[fid]:
+                self.files.write(fid, f"{b['id']}_{kind}.jsonl", "batch_output", tmp[fid])
+            else:
+                _remove(tmp[fid])
+        return (out_id if n[out_id] else None), (err_id if n[err_id] else None), n[out_id], n[err_id]
 
     async def _execute(self, endpoint: str, body: dict) -> tuple[int, dict]:
         from strata.serve.chat import chat_response, start_chat
