@@ -241,3 +241,26 @@ def test_qwen2_window_layers_match_transformers(layers, tmp_path):
     hf = write_tiny_model("qwen2", tmp_path, use_sliding_window=True, sliding_window=WINDOW, **layers)
     assert "sliding_attention" in hf.config.layer_types and "full_attention" in hf.config.layer_types
     _check_against_transformers(hf, tmp_path)
+
+
+@needs_triton
+def test_engine_on_triton_kernels_with_window(tmp_path, monkeypatch):
+    """The tiny Mistral on the Triton kernels (interpreted) gives the twins' tokens and logits: windowed
+    prefill chunks over a cached prefix, then decodes."""
+    from tests.parallel_support import run_greedy
+    write_tiny_model("mistral", tmp_path, sliding_window=WINDOW, num_hidden_layers=1)
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randint(3, TINY["vocab_size"], (n,), generator=g).tolist() for n in (PROMPT_LEN, 21)]
+    kw = dict(max_num_batched_tokens=16)
+    want_toks, want_logits = run_greedy(LLMEngine.from_engine_args(engine_args(tmp_path, **kw)), ps, steps=3)
+    monkeypatch.setenv("STRATA_FORCE_TRITON", "1")
+    from strata.ops import triton_kernels as tk
+    windows = []
+    for name in ("paged_decode_attention", "paged_prefill_attention"):
+        real = getattr(tk, name)
+        monkeypatch.setattr(tk, name, lambda *a, real=real, **k: windows.append((real, k["sliding_window"]))
+                            or real(*a, **k))
+    toks, logits = run_greedy(LLMEngine.from_engine_args(engine_args(tmp_path, **kw)), ps, steps=3)
+    assert {w for _, w in windows} == {WINDOW} and len({f for f, _ in windows}) == 2  # both kernels, windowed
+    assert toks == want_toks
+    torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
