@@ -144,7 +144,9 @@ def _status(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="strata")
+    from strata.cli import Parser  # torch-free, like everything the router imports
+
+    parser = Parser(prog="strata")
     sub = parser.add_subparsers(dest="command")
     register(sub)
     args = parser.parse_args(["router", *(sys.argv[1:] if argv is None else argv)])
