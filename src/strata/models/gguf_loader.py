@@ -11,7 +11,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Container
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -85,10 +85,33 @@ class GGUFHeader:
         return str(self.metadata.get("general.architecture", ""))
 
 
+class LazyTensors(Mapping):
+    """HF name -> float tensor, read and dequantised from the memory-mapped file on each access and not kept:
+    loading a model streams one tensor at a time, so the dequantised checkpoint never sits in memory beside
+    the model's own parameters (that doubled the peak RSS of every command)."""
+
+    def __init__(self, read: Callable[[str], "torch.Tensor"], names: list[str]):
+        self._read, self._names = read, names
+
+    def __getitem__(self, name: str) -> "torch.Tensor":
+        if name not in self._names:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+
 @dataclass
 class GGUFModel:
     config: dict[str, Any]                     # HF config.json-style
-    tensors: dict[str, torch.Tensor]           # HF parameter names -> float tensors in HF layout
+    tensors: Mapping[str, torch.Tensor]        # HF parameter names -> float tensors in HF layout (LazyTensors)
     metadata: dict[str, Any] = field(default_factory=dict)       # GGUF metadata (tokenizer arrays left out)
     tensor_types: dict[str, str] = field(default_factory=dict)   # HF name -> ggml type it was stored as
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. llama.cpp's rope_freqs.weight
@@ -382,10 +405,8 @@ def load_gguf(path: str | os.PathLike, *, dtype: "torch.dtype | None" = None) ->
         raise ModelLoadError(f"GGUF file {path} has no token_embd.weight tensor.")
 
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    tensors: dict[str, torch.Tensor] = {}
-    extra: dict[str, torch.Tensor] = {}
-    types: dict[str, str] = {}
-    for t, hf in plan:
+
+    def read(t: GGUFTensorInfo, hf: str | None) -> torch.Tensor:
         try:
             w = torch.from_numpy(_dequantize(buf, t))
         except (ValueError, TypeError) as e:
@@ -396,11 +417,12 @@ def load_gguf(path: str | os.PathLike, *, dtype: "torch.dtype | None" = None) ->
             w = _unpermute_rows(w, kv_heads)
         if dtype != torch.float32:
             w = w.to(dtype)
-        if hf is None:
-            extra[t.name] = w
-        else:
-            tensors[hf] = w.contiguous()
-            types[hf] = t.type_name
+        return w.contiguous()
+
+    by_name = {hf: t for t, hf in plan if hf is not None}
+    extra = {t.name: read(t, None) for t, hf in plan if hf is None}
+    types = {hf: t.type_name for hf, t in by_name.items()}
+    tensors = LazyTensors(lambda name: read(by_name[name], name), list(by_name))
     metadata = dict(header.metadata)
     return GGUFModel(config=config, tensors=tensors, metadata=metadata, tensor_types=types, extra_tensors=extra)
 

@@ -1,8 +1,12 @@
-"""Sizing the KV pool: `--kv-cache-memory` bytes on CPU (default 4 GiB), `--gpu-memory-utilization`
-of the GPU minus weights and an activation reserve on GPU. max_model_len is capped so that one
+"""Sizing the KV pool. `--kv-cache-memory` bytes when given. Otherwise, on GPU: `--gpu-memory-utilization` of
+the GPU minus weights and an activation reserve. On CPU: what the engine can use at most (max_num_seqs
+sequences of max_model_len tokens), capped at CPU_KV_FRACTION of the host's available memory and at
+CPU_KV_CAP, both shared among the ranks on this host (a laptop-sized machine must not give a 135M model
+gigabytes of cache it cannot fill; raise it with --kv-cache-memory). max_model_len is capped so that one
 request always fits in the pool."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +16,37 @@ from strata.core.errors import ParameterError
 from strata.models.config import ModelConfig
 
 GiB = 1 << 30
+MiB = 1 << 20
+CPU_KV_CAP = 512 * MiB  # per host, before sharing among local ranks
+CPU_KV_FRACTION = 0.10  # of MemAvailable, per host
+
+
+def mem_available() -> int:
+    """Bytes the kernel reports as available (MemAvailable), else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def local_ranks(args: EngineArgs) -> int:
+    """Processes of this engine on this host (each holds its own KV pool)."""
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        v = os.environ.get(var, "")
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    per_replica = args.tensor_parallel_size * args.pipeline_parallel_size
+    return max(1, -(-per_replica // max(1, args.nnodes))) * max(1, args.data_parallel_size)
+
+
+def cpu_kv_bytes(args: EngineArgs, per_tok: int, model_max: int) -> int:
+    need = args.max_num_seqs * (args.max_model_len or model_max) * per_tok
+    cap = min(CPU_KV_FRACTION * mem_available(), CPU_KV_CAP) / local_ranks(args)
+    return int(min(need, cap))
 
 
 @dataclass
@@ -38,8 +73,11 @@ def plan_memory(args: EngineArgs, model_cfg: ModelConfig, device: str, dtype: to
     if args.num_gpu_blocks_override:
         num_blocks = args.num_gpu_blocks_override
         kv_bytes = num_blocks * per_block
-    elif args.kv_cache_memory or device == "cpu":
-        kv_bytes = int(args.kv_cache_memory or 4 * GiB)
+    elif args.kv_cache_memory:
+        kv_bytes = int(args.kv_cache_memory)
+        num_blocks = kv_bytes // per_block
+    elif device == "cpu":
+        kv_bytes = cpu_kv_bytes(args, per_tok, model_cfg.max_position_embeddings)
         num_blocks = kv_bytes // per_block
     else:
         if not 0 < args.gpu_memory_utilization <= 1:
