@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +18,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # `strata` where a shell command starts: line start (after an optional `$ ` prompt), after && | ; or $(, and
 # after environment assignments (RANK=3 WORLD_SIZE=4 strata batch ...).
-COMMAND = re.compile(r"(?:^|&&|\|\||[|;]|\$\()\s*(?:\$\s+)?(?:[A-Z_][A-Z0-9_]*=\S*\s+)*strata\s+(?=[a-z][a-z0-9-]*(?:\s|$))(.*)")
+COMMAND = re.compile(r"(?:^|&&|\|\||[|;]|\$\()\s*(?:\$\s+)?(?:[A-Z_][A-Z0-9_]*=\S*\s+)*"
+                     r"strata\s+(?=[a-z][a-z0-9-]*(?:\s|$))(.*)")
 FLAG = re.compile(r"^\[?(--[a-z][a-z0-9-]*)")
 WORD = re.compile(r"^[a-z][a-z0-9-]*$")
 NESTED = re.compile(r"(?<!\[)(?:\{[\w,-]+\}|\b[A-Z]+) \.\.\.")   # argparse's usage of a subcommand argument
@@ -55,8 +57,7 @@ def invocations():
                 except ValueError:
                     tokens = rest.split()
                 flags = {f.group(1) for t in tokens if " " not in t and (f := FLAG.match(t))}
-                words = list(tokens)
-                out.append((f"{path.relative_to(ROOT)}:{no}", words, flags))
+                out.append((f"{path.relative_to(ROOT)}:{no}", tokens, flags))
     return out
 
 
@@ -112,8 +113,8 @@ def test_drift_is_caught(tmp_path, monkeypatch):
     doc = tmp_path / "X.md"
     doc.write_text("```bash\nstrata slurm nosuch --nodes 2\nstrata generate --prompt hi --no-such-flag 1\n```\n"
                    "and inline `strata router status --router http://x --jsn`.\n")
-    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
-    monkeypatch.setattr(__import__(__name__), "DOCS", [doc])
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "DOCS", [doc])
     problems = check(invocations())
     assert len(problems) == 3, problems
     assert "X.md:2: `strata slurm nosuch --help` failed" in problems[0] and "invalid choice" in problems[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import httpx
 import openai
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router_support.fleet import RouterProc, free_port
@@ -110,7 +109,3 @@ def test_router_process_metrics_parse(tmp_path):
     assert samples[("strata_router:region_replicas", (("region", "us"),))] == 1
     assert samples[("strata_router:requests_total",
                     (("client_region", "unknown"), ("served_region", ""), ("status", "400")))] == 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(pytest.main([__file__, "-q"]))
