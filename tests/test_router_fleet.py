@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from router_support.fleet import (ROUTER_KEY, START_TIMEOUT, USING_FAKE, ReplicaProc, RouterProc, acomplete, many, needs_fake, one,
-                                  run, start_all)
+                                  run, start_all, until)
 
 AUTH = {"Authorization": f"Bearer {ROUTER_KEY}"}
 
@@ -107,14 +107,17 @@ def test_sigkill_under_load_loses_nothing(fleet):
             + [dict(prompt=p, max_tokens=24) for p in prompts[18:]])
     baseline = run(many(router.url, jobs, concurrency=24))
     assert all(b["status"] == 200 and b["error"] is None for b in baseline), baseline
+    victim = reps[1]
+    killed = []
 
-    async def with_kill():
-        task = asyncio.create_task(many(router.url, jobs, concurrency=24))
-        await asyncio.sleep(0.35)
-        reps[1].kill()
-        return await task
+    def kill_mid_stream(out):  # the first stream served by the victim that is part-way through: SIGKILL it
+        if not killed and out["replica"] == victim.name and out["finish"] is None and 3 <= out["events"] <= 16:
+            victim.kill()
+            killed.append(out["events"])
 
-    results = run(with_kill())
+    results = run(many(router.url, [dict(j, on_event=kill_mid_stream) if j.get("stream") else j for j in jobs],
+                       concurrency=24))
+    assert killed and not victim.alive(), "no stream was routed to the victim"
     for job, b, r in zip(jobs, baseline, results):
         assert r["status"] == 200 and r["error"] is None, (job, r)
         assert r["text"] == b["text"], (job, r["text"], b["text"])
@@ -122,7 +125,7 @@ def test_sigkill_under_load_loses_nothing(fleet):
             assert len(r["ids"]) == 1
         if job.get("chat") and job.get("stream"):
             assert r["roles"] == 1
-    assert router.metric("strata_router:failovers_total", replica=reps[1].name) >= 1
+    assert router.metric("strata_router:failovers_total", replica=victim.name) >= 1
 
 
 @needs_fake
@@ -244,13 +247,15 @@ def test_full_replicas_429_make_requests_wait_not_fail(fleet):
         async with aiohttp.ClientSession() as s:
             tasks = [asyncio.create_task(acomplete(s, router.url, p, max_tokens=3, stream=i % 2 == 0))
                      for i, p in enumerate(_prompts(6, "busy"))]
-            await asyncio.sleep(0.8)
+            # every request is turned away by both replicas at least once, and is still waiting
+            await until(lambda: router.metric("strata_router:replica_requests_total", outcome="overloaded") >= 12,
+                        20, "12 overloaded answers")
             assert not any(t.done() for t in tasks)
             b.control(mode="ok")
             return await asyncio.gather(*tasks)
     res = run(go())
     assert all(r["status"] == 200 and r["error"] is None and r["replica"] == b.name for r in res), res
-    assert router.metric("strata_router:replica_requests_total", outcome="overloaded") >= 4
+    assert router.metric("strata_router:replica_requests_total", outcome="overloaded") >= 12
     assert router.metric("strata_router:breaker_opened_total") == 0
 
 
@@ -403,7 +408,7 @@ def test_queue_waits_for_a_replica_then_503_with_retry_after(fleet, tmp_path):
 
         async with aiohttp.ClientSession() as s:
             task = asyncio.create_task(acomplete(s, patient.url, "wait for me", max_tokens=3, stream=True))
-            await asyncio.sleep(0.3)
+            await until(lambda: patient.metric("strata_router:queue_depth") == 1, 10, "the request queued")
             rep = fleet.replica(port=port)
             rep.start()
             return await task

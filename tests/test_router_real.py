@@ -133,12 +133,15 @@ def test_sigkill_under_load_loses_nothing(fleet):
     failovers_before = router.metric("strata_router:failovers_total", replica=victim.name)
 
     killed = {}
+    finished = set()
 
     def kill_mid_stream(out):
-        # once the load is in full swing (a third of the baseline's time), the first stream served by the
-        # victim that is part-way through (4 to 24 chunks of 32 tokens): SIGKILL the victim under it
-        if (not killed and out["replica"] == victim.name and out["finish"] is None and 4 <= out["events"] <= 24
-                and time.monotonic() - t0 >= base_s / 3):
+        # once the load is in full swing (eight streams finished: the first wave is over), the first stream
+        # served by the victim that is part-way through (4 to 24 chunks of 32 tokens): SIGKILL the victim
+        if out["finish"] is not None:
+            finished.add(id(out))
+        if (not killed and len(finished) >= 8 and out["replica"] == victim.name and out["finish"] is None
+                and 4 <= out["events"] <= 24):
             victim.kill()
             killed["t"] = time.monotonic()
 

@@ -222,17 +222,8 @@ class RouterProc(Proc):
         raise KeyError(name)
 
     def metric(self, name: str, **labels) -> float:
-        """Sum of the samples of `name` whose labels include `labels`."""
-        total = 0.0
-        for line in httpx.get(self.url + "/metrics", timeout=5).text.splitlines():
-            if line.startswith("#") or not line.startswith(name):
-                continue
-            head, _, value = line.rpartition(" ")
-            if head.split("{")[0] != name:
-                continue
-            if all(f'{k}="{v}"' in head for k, v in labels.items()):
-                total += float(value)
-        return total
+        """Sum of the samples of `name` whose labels include `labels` (read with prometheus_client's parser)."""
+        return metric_sum(httpx.get(self.url + "/metrics", timeout=5).text, name, **labels)
 
     def wait_for(self, pred, timeout: float = 10.0, what: str = "condition"):
         deadline = time.monotonic() + timeout
@@ -242,6 +233,25 @@ class RouterProc(Proc):
                 return v
             time.sleep(0.05)
         raise TimeoutError(f"{what} not met within {timeout}s; fleet: {json.dumps(self.fleet())[:2000]}")
+
+
+def metric_sum(text: str, name: str, **labels) -> float:
+    """Sum of the samples named `name` (e.g. 'strata_router:failovers_total') in a Prometheus text exposition
+    whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+async def until(pred, timeout: float = 10.0, what: str = "condition"):
+    """`wait_for` inside an event loop: polls `pred` (a quick blocking check) and lets the loop's other tasks
+    run in between."""
+    deadline = time.monotonic() + timeout
+    while not (v := pred()):
+        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
+        await asyncio.sleep(0.02)
+    return v
 
 
 def start_all(procs):
