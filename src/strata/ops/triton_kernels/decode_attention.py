@@ -197,7 +197,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     No device sync: max_seq_len is optional and, when given, only lets short batches skip the split.
     sliding_window: the query sees only the last `sliding_window` keys (None or 0 = all).
 
-    Keyword-only knobs (the dispatcher never passes them): num_splits (None = choose_num_splits, 1 = no split,
+    The other keyword-only knobs (the dispatcher never passes them): num_splits (None = choose_num_splits, 1 = no split,
     S = each sequence cut into up to S pieces of at least min_partition tokens, default MIN_PARTITION);
     partition_size (fixed tokens per piece, rounded up to a multiple of `tile`; 0 = no split; this one reads
     max_seq_len or syncs on seq_lens.max()); tile = tokens per inner step (power of two >= 16).

@@ -151,7 +151,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     Rows of q outside every [query_start_loc[b], query_start_loc[b+1]) range are left unwritten.
     sliding_window: each query sees only its own key and the sliding_window - 1 before it (None or 0 = all).
-    Keyword-only knobs are for benchmarks; the dispatcher never passes them.
+    The other keyword-only knobs are for benchmarks; the dispatcher never passes them.
     """
     T, H, D = q.shape
     nb, bs, kvh, dk = k_cache.shape
