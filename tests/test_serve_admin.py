@@ -1,7 +1,7 @@
-"""Server guards and lifecycle, one real `strata serve` process: API keys, CORS, body limit (413), admission
+"""Server guards and lifecycle, real `strata serve` processes: API keys, CORS, body limit (413), admission
 limit (429 + Retry-After), registration with a router (register / heartbeat / deregister), and SIGTERM
 draining (in-flight requests finish, new ones get 503, the one past the timeout gets an SSE error event,
-exit status 0). The drain test ends the server, so it runs last."""
+exit status 0) on a server of its own."""
 from __future__ import annotations
 
 import json
@@ -60,14 +60,18 @@ def router():
     r.close()
 
 
+def start_server(d, router, shutdown_timeout: float = 3.0) -> ServerProcess:
+    return ServerProcess(write_tiny_model(d / "model"), "--api-key", KEYS[0], "--api-key", KEYS[1],
+                         "--allowed-origins", "http://app.example", "--max-request-bytes", "4000",
+                         "--max-queued-requests", "2", "--max-num-seqs", "2",
+                         "--shutdown-timeout", f"{shutdown_timeout:.3f}", "--register-with", router.url,
+                         "--region", "eu-west", "--router-key", "router-secret", "--heartbeat-interval", "0.3",
+                         log_path=str(d / "server.log")).start()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, router):
-    d = tmp_path_factory.mktemp("serve_admin")
-    srv = ServerProcess(write_tiny_model(d / "model"), "--api-key", KEYS[0], "--api-key", KEYS[1],
-                        "--allowed-origins", "http://app.example", "--max-request-bytes", "4000",
-                        "--max-queued-requests", "2", "--max-num-seqs", "2", "--shutdown-timeout", "3",
-                        "--register-with", router.url, "--region", "eu-west", "--router-key", "router-secret",
-                        "--heartbeat-interval", "0.3", log_path=str(d / "server.log")).start()
+    srv = start_server(tmp_path_factory.mktemp("serve_admin"), router)
     yield srv
     srv.stop()
 
@@ -143,12 +147,13 @@ def test_queue_limit_429(server):
             while metrics(server.url)["strata:num_requests_waiting"] < 2:
                 assert time.monotonic() < deadline, (metrics(server.url), server.log())
                 time.sleep(0.05)
+            full = 'strata:request_rejected_total{reason="queue_full"}'
+            rejected = metrics(server.url).get(full, 0.0)
             r = c.post("/v1/completions", json=BODY)
             assert r.status_code == 429
             assert r.headers["retry-after"] == "1"
             assert r.json()["error"]["type"] == "rate_limit_error"
-            m = metrics(server.url)
-            assert m['strata:request_rejected_total{reason="queue_full"}'] >= 1
+            assert metrics(server.url)[full] == rejected + 1
     finally:
         for cm, _ in opened:
             cm.__exit__(None, None, None)
@@ -174,16 +179,24 @@ def test_registered_with_router(server, router):
     assert hb["url"] == server.url and "num_requests_running" in hb
 
 
-def test_sigterm_drains_then_exits_0(server, router):
-    """Runs last: it stops the server."""
-    short = {"model": MODEL_NAME, "prompt": "short", "max_tokens": 5, "ignore_eos": True, "stream": True}
+def test_sigterm_drains_then_exits_0(server, router, tmp_path):
+    """A server of its own, whose drain timeout is this machine's pace: twice the time of a 30-token
+    stream (at least 0.5 s), so the short request (3 tokens) finishes within it and the long one (1000)
+    cannot."""
+    t0 = time.monotonic()
+    with httpx.stream("POST", server.url + "/v1/completions", headers=auth(), timeout=60,
+                      json={"model": MODEL_NAME, "prompt": "pace", "max_tokens": 30, "ignore_eos": True,
+                            "stream": True}) as r:
+        assert len([e for e in sse_events(r.iter_lines()) if e != "[DONE]"]) == 30
+    srv = start_server(tmp_path, router, shutdown_timeout=max(0.5, 2 * (time.monotonic() - t0)))
+    short = {"model": MODEL_NAME, "prompt": "short", "max_tokens": 3, "ignore_eos": True, "stream": True}
     long = {"model": MODEL_NAME, "prompt": "long", "max_tokens": 1000, "ignore_eos": True, "stream": True}
     results = {}
 
     started = {"long": threading.Event(), "short": threading.Event()}
 
     def run(name, body):
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=auth(), timeout=60) as r:
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, headers=auth(), timeout=60) as r:
             lines = []
             for line in r.iter_lines():
                 lines.append(line)
@@ -194,25 +207,23 @@ def test_sigterm_drains_then_exits_0(server, router):
     for n in ("long", "short"):  # the long one is generating before the short one starts
         threads[n].start()
         assert started[n].wait(20)
-    t_sig = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    assert httpx.get(server.url + "/health").status_code == 503
-    r = httpx.post(server.url + "/v1/completions", json={**BODY}, headers=auth())
+    srv.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while httpx.get(srv.url + "/health").status_code != 503:
+        assert time.monotonic() < deadline, "/health still 200 after SIGTERM"
+        time.sleep(0.01)
+    r = httpx.post(srv.url + "/v1/completions", json={**BODY}, headers=auth())
     assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down"
     assert r.headers.get("retry-after")
     for t in threads.values():
         t.join(30)
-    rc = server.proc.wait(30)
-    elapsed = time.monotonic() - t_sig
-    assert rc == 0
-    assert elapsed < 3 + 8
+    assert srv.proc.wait(30) == 0
     status, events = results["short"]
     assert status == 200 and events[-1] == "[DONE]"
     assert [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"]][-1] == "length"
     status, events = results["long"]
     assert status == 200 and events[-1] == "[DONE]"
     assert "error" in events[-2] and events[-2]["error"]["code"] == "server_shutting_down"
-    assert "/deregister" in router.paths()
-    dereg = [c for c in router.calls if c[0] == "/deregister"][0]
-    assert dereg[1]["url"] == server.url and dereg[2] == "Bearer router-secret"
+    assert len(events) < 1000
+    dereg = [c for c in router.calls if c[0] == "/deregister"]
+    assert len(dereg) == 1 and dereg[0][1]["url"] == srv.url and dereg[0][2] == "Bearer router-secret"
