@@ -70,7 +70,7 @@ def test_default_job_embedded_model(tmp_path):
     r = strata("batch", "--limit", "1", "--max-input-tokens", "128", "--max-tokens", "6", "--num-threads", "2",
                cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = rows_of(tmp_path / "summaries.jsonl")
+    rows = rows_of(tmp_path / "out" / "summaries.jsonl")  # the default output, not in the working directory
     assert len(rows) == 1
     for row in rows:
         assert row["error"] is None and isinstance(row["id"], str) and row["text"].strip()
