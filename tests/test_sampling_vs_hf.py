@@ -128,7 +128,7 @@ row_params = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(data=st.data(), V=st.integers(2, 64), rows=st.lists(row_params, min_size=1, max_size=4),
        tied=st.booleans(), scale=st.sampled_from([0.01, 1.0, 8.0]))
 def test_warpers_match_transformers_property(data, V, rows, tied, scale):
@@ -182,7 +182,7 @@ def test_presence_and_frequency_penalties_count_output_tokens_only():
     torch.testing.assert_close(ours[3], logits[3], rtol=0, atol=0)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(data=st.data(), V=st.integers(2, 40), rep=st.sampled_from([1.0, 0.5, 1.2, 3.0]),
        presence=st.floats(-2, 2), frequency=st.floats(-2, 2), p=row_params)
 def test_penalties_then_warpers_match_the_reference_pipeline(data, V, rep, presence, frequency, p):
