@@ -91,6 +91,8 @@ class LlamaForCausalLM(nn.Module):
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
+            if self.is_first and cfg.tie_word_embeddings:  # one tensor for both (the same vocabulary shard)
+                self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
 
     def make_layer(self, cfg: ModelConfig, dtype, i: int) -> nn.Module:
@@ -119,7 +121,7 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (HF names) into this rank's shards. Returns the parameter names loaded."""
-        params = dict(self.named_parameters())
+        params = dict(self.named_parameters(remove_duplicate=False))  # a tied lm_head is the embedding
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
@@ -132,7 +134,7 @@ class LlamaForCausalLM(nn.Module):
                 targets = []
                 if self.is_first:
                     targets.append(name)
-                if self.is_last and self.cfg.tie_word_embeddings:
+                if self.is_last and self.cfg.tie_word_embeddings and not self.is_first:
                     targets.append("lm_head.weight")
                 for t in targets:
                     p = params[t]
