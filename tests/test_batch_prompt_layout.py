@@ -24,10 +24,13 @@ def parse(*argv):
 def test_default_job_layouts():
     o = job_options(apply_defaults(parse()), "plain")
     assert (o.system_prompt, o.instruction) == (None, SUMMARY_INSTRUCTION)
-    o = job_options(apply_defaults(parse("--prompt-layout", "seed")), "plain")
+    assert o.sampling == {"max_tokens": 100, "temperature": 0.0, "repetition_penalty": 1.1}
+    o = job_options(apply_defaults(parse("--prompt-layout", "seed")), "plain")  # the seed notebook's job
     assert (o.system_prompt, o.instruction) == (SEED_SYSTEM_PROMPT, None)
-    o = job_options(apply_defaults(parse("--system-prompt", "Be brief.")), "plain")  # the user's prompt wins
-    assert (o.system_prompt, o.instruction) == ("Be brief.", None)
+    assert o.sampling == {"max_tokens": 100, "temperature": 0.0}
+    o = job_options(apply_defaults(parse("--system-prompt", "Be brief.", "--repetition-penalty", "1.0")), "plain")
+    assert (o.system_prompt, o.instruction) == ("Be brief.", None)  # the user's prompt and sampling win
+    assert o.sampling["repetition_penalty"] == 1.0
     a = apply_defaults(parse())
     assert a.output == "out/summaries.jsonl" and a.max_input_tokens == 512 and a.limit == 64
     with pytest.raises(ValueError, match="--prompt-layout"):

@@ -18,11 +18,13 @@ log = logging.getLogger("strata.batch")
 
 SEED_SYSTEM_PROMPT = ("The user will supply a post from an online newsgroup. "
                       "Summarize the post in a single, very short sentence.")
-# The default job's instruction, after the post in the user turn: with the seed notebook's layout (the
-# instruction as the system prompt) the embedded SmolLM2 often restated the instruction or looped
+# The default job's prompt: the instruction after the post in the user turn, and a mild repetition penalty.
+# With the seed notebook's layout (the instruction as the system prompt, plain greedy decoding) the embedded
+# SmolLM2 restated the instruction or looped in 39 of 64 rows; with this one, 2 of 64
 # (benchmarks/batch_quality.py, docs/BATCH.md).
-SUMMARY_INSTRUCTION = "Summarize the post above in a single, very short sentence."
-PROMPT_LAYOUTS = {"default": {"instruction": SUMMARY_INSTRUCTION}, "seed": {"system_prompt": SEED_SYSTEM_PROMPT}}
+SUMMARY_INSTRUCTION = "In one short sentence, what is the text above about?"
+PROMPT_LAYOUTS = {"default": {"instruction": SUMMARY_INSTRUCTION, "repetition_penalty": 1.1},
+                  "seed": {"system_prompt": SEED_SYSTEM_PROMPT}}
 
 # What `strata batch` does without --input: the seed64 selection (docs/BENCHMARK-PROTOCOL.md).
 PRESET = {
@@ -67,7 +69,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
              "is truncated")
     add(g, "--prompt-layout", default=None, choices=sorted(PROMPT_LAYOUTS),
         help="the default job's prompt (no --input): 'default' puts the instruction after the post in the user "
-             "turn; 'seed' is the seed notebook's, the instruction as the system prompt")
+             "turn, with --repetition-penalty 1.1; 'seed' is the seed notebook's: the instruction as the system "
+             "prompt, plain greedy decoding")
     add(g, "--chat-template", action=argparse.BooleanOptionalAction, default=True,
         help="wrap prompts in the model's chat template (default: on)")
     add(g, "--include-fields", default=None, help="comma-separated input fields copied to each output row")
@@ -142,8 +145,12 @@ def register(subparsers) -> None:
 def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     layout = getattr(args, "prompt_layout", None)
     if args.input is None:
-        if getattr(args, "instruction", None) is None and args.system_prompt is None:
-            for k, v in PROMPT_LAYOUTS[layout or "default"].items():
+        preset = dict(PROMPT_LAYOUTS[layout or "default"])
+        if getattr(args, "instruction", None) is not None or args.system_prompt is not None:
+            preset.pop("instruction", None)  # the user's own prompt, as given
+            preset.pop("system_prompt", None)
+        for k, v in preset.items():
+            if getattr(args, k, None) is None:
                 setattr(args, k, v)
         for k, v in PRESET.items():
             if k == "text_field" and (args.prompt_template or args.messages_field):

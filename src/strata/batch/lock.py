@@ -82,6 +82,11 @@ class OutputLock:
                         log.info("batch: waiting for the lock of %s (%s)", self.path, describe(holder))
                         waited = True
                     fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError as e:  # a file system without flock (Lustre mounted noflock...)
+                    log.warning("batch: cannot lock %s (%s); going on without the lock: do not start a second "
+                                "run on this output", self.path, e)
+                    os.close(fd)
+                    return self
                 # The previous holder may have removed the file between our open and our lock: then we
                 # hold a lock on a file no one else will ever look at; take the one at the path instead.
                 try:
