@@ -296,10 +296,12 @@ def test_fail_fast_on_a_misconfigured_job(tmp_path):
     assert not out.exists() or out.read_text() == ""
     assert run(["--input", str(inp), "--output", str(out), "--text-field", "body"]) == 0
     assert len(read_rows(out)) == 300
-    # a small input whose rows all fail is written out as error rows
+    # a small input whose rows all fail the same way stops too, and the corrected rerun does its rows
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps({"body": f"t{i}"}) + "\n" for i in range(5)))
-    assert run(["--input", str(small), "--output", str(tmp_path / "s.jsonl")]) == 1
+    assert run(["--input", str(small), "--output", str(tmp_path / "s.jsonl")]) == 2
+    assert not (tmp_path / "s.jsonl").exists() or (tmp_path / "s.jsonl").read_text() == ""
+    assert run(["--input", str(small), "--output", str(tmp_path / "s.jsonl"), "--text-field", "body"]) == 0
     assert len(read_rows(tmp_path / "s.jsonl")) == 5
 
 
@@ -505,10 +507,11 @@ def test_keyset_folds_into_sorted_array(monkeypatch):
 def test_default_job_is_the_seed64_selection():
     from strata.batch.cli import apply_defaults, job_options
     a = apply_defaults(batch_args())
-    assert a.input == "sharegpt" and a.output == "summaries.jsonl" and a.limit == 64
+    assert a.input == "sharegpt" and a.output == "out/summaries.jsonl" and a.limit == 64
     o = job_options(a, "plain")
-    assert o.system_prompt.startswith("The user will supply a post from an online newsgroup.")
-    assert o.max_input_tokens == 512 and o.sampling == {"max_tokens": 100, "temperature": 0.0}
+    assert o.instruction == "In one short sentence, what is the text above about?" and o.system_prompt is None
+    assert o.max_input_tokens == 512
+    assert o.sampling == {"max_tokens": 100, "temperature": 0.0, "repetition_penalty": 1.1}
     assert o.filters == [("first_from", "human")] and (o.min_text_tokens, o.max_text_tokens) == (150, 2000)
     a = apply_defaults(batch_args("--input", "data/posts.parquet"))
     assert a.output == "posts.out.jsonl" and a.limit is None
