@@ -1,8 +1,9 @@
 """Is the main job's output useful? The share of `strata batch` summaries that restate the instruction or loop.
 
 A row is bad when its text
-- restates the instruction: it holds 3 words in a row (lower-cased, punctuation dropped) of either prompt
-  layout's instruction ("the user will", "a post from", "in a single", ...), or
+- restates the instruction: it holds 4 words in a row (lower-cased, punctuation dropped) of either prompt
+  layout's instruction ("the user will supply", "a post from an", "in a single very", ...; 3 words would
+  also count answers that echo the question, "the text above is about ..."), or
 - loops: some 3 words in a row occur in it 3 times or more,
 or when the row is an error row or its text is empty. Target: at most 10% of the rows.
 
@@ -37,10 +38,10 @@ def ngrams(ws: list[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)]
 
 
-INSTRUCTION_3GRAMS = {g for text in (SEED_SYSTEM_PROMPT, SUMMARY_INSTRUCTION) for g in ngrams(words(text), 3)}
+INSTRUCTIONS = [SEED_SYSTEM_PROMPT, SUMMARY_INSTRUCTION]
 
 
-def judge(row: dict) -> list[str]:
+def judge(row: dict, instructions: list[str] = INSTRUCTIONS) -> list[str]:
     """The reasons a row is bad (empty: a usable summary)."""
     if row.get("error") is not None:
         return ["error"]
@@ -48,17 +49,17 @@ def judge(row: dict) -> list[str]:
     if not ws:
         return ["empty"]
     why = []
-    if INSTRUCTION_3GRAMS & set(ngrams(ws, 3)):
+    if {g for text in instructions for g in ngrams(words(text), 4)} & set(ngrams(ws, 4)):
         why.append("restates")
     if any(c >= 3 for c in Counter(ngrams(ws, 3)).values()):
         why.append("loops")
     return why
 
 
-def score(path: str) -> dict:
+def score(path: str, instructions: list[str] = INSTRUCTIONS) -> dict:
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    verdicts = [(r, judge(r)) for r in rows]
+    verdicts = [(r, judge(r, instructions)) for r in rows]
     bad = [(r, w) for r, w in verdicts if w]
     n = len(rows)
     return {"output": path, "rows": n,
@@ -92,12 +93,14 @@ def main() -> int:
     r.add_argument("extra", nargs="*", help="more `strata batch` flags (after --)")
     s = sub.add_parser("score", help="score an output file")
     s.add_argument("files", nargs="+")
+    s.add_argument("--instruction", action="append", default=[],
+                   help="another instruction the rows must not restate (the run's own --instruction)")
     s.add_argument("--json", default=None)
     args = p.parse_args()
 
     results = []
     if args.cmd == "score":
-        results = [score(f) for f in args.files]
+        results = [score(f, INSTRUCTIONS + args.instruction) for f in args.files]
     else:
         os.makedirs(args.out_dir, exist_ok=True)
         for layout in args.layout or ["seed", "default"]:

@@ -20,7 +20,7 @@ SEED_SYSTEM_PROMPT = ("The user will supply a post from an online newsgroup. "
                       "Summarize the post in a single, very short sentence.")
 # The default job's prompt: the instruction after the post in the user turn, and a mild repetition penalty.
 # With the seed notebook's layout (the instruction as the system prompt, plain greedy decoding) the embedded
-# SmolLM2 restated the instruction or looped in 39 of 64 rows; with this one, 2 of 64
+# SmolLM2 restated the instruction or looped in 37 of 64 rows; with this one, 3 of 64
 # (benchmarks/batch_quality.py, docs/BATCH.md).
 SUMMARY_INSTRUCTION = "In one short sentence, what is the text above about?"
 PROMPT_LAYOUTS = {"default": {"instruction": SUMMARY_INSTRUCTION, "repetition_penalty": 1.1},
