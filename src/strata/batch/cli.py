@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from strata.core.errors import StrataError
@@ -309,7 +310,9 @@ def _run_locked(args, engine_factory, engine, opts, fmt, out_path, rank, world, 
         return EXIT_ROWS_FAILED if scan.errors else EXIT_OK
 
     if engine is None:
+        t_load = time.perf_counter()
         engine = engine_factory(args)
+        log.info("%s: model loaded in %.1f s", label, time.perf_counter() - t_load)
     tok = engine.tokenizer
     max_model_len = getattr(getattr(engine, "config", None), "max_model_len", None)
     builder = JobBuilder(opts, tok, max_model_len=max_model_len)

@@ -22,7 +22,7 @@ class EngineArgs:
     max_model_len: int | None = field(default=None, metadata={"help": "context length (default: the model's, capped by the KV pool)"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "fraction of GPU memory for weights + activations + KV cache"})
-    kv_cache_memory: int | None = field(default=None, metadata={"help": "bytes of KV cache (overrides --gpu-memory-utilization on GPU). CPU default: what --max-num-seqs sequences of --max-model-len tokens need, at most 10%% of available memory and 512 MiB, shared among the ranks on this host"})
+    kv_cache_memory: int | None = field(default=None, metadata={"help": "bytes of KV cache (overrides --gpu-memory-utilization on GPU). CPU default: what --max-num-seqs sequences of --max-model-len tokens need, at most 10%% of available memory and 384 MiB, shared among the ranks on this host"})
     num_gpu_blocks_override: int | None = field(default=None, metadata={"help": "exact number of KV blocks (tests)"})
     max_num_seqs: int = field(default=256, metadata={"help": "most sequences in one step"})
     max_num_batched_tokens: int | None = field(default=None, metadata={"help": "token budget per step (default: 8192 on GPU, 2048 on CPU)"})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 import logging
 import os
 import time
@@ -414,8 +415,12 @@ def build_engine(args: EngineArgs):
     dtype = _pick_dtype(args.dtype, device, model_cfg)
     if args.num_threads and device == "cpu":
         torch.set_num_threads(args.num_threads)
-    tokenizer = load_tokenizer(args, source)
-    model = build_model(device, dtype, args.load_format, model_cfg, source)
+    # The tokenizer (mostly Python: metadata parsing, importing transformers) loads in a thread while the
+    # weights (numpy / torch work that releases the GIL) load here: ~2 s less start-up on 2 cores.
+    with ThreadPoolExecutor(1, thread_name_prefix="strata-tokenizer") as pool:
+        tok_future = pool.submit(load_tokenizer, args, source)
+        model = build_model(device, dtype, args.load_format, model_cfg, source)
+        tokenizer = tok_future.result()
     mem = plan_memory(args, model_cfg, device, dtype, model)
     name = args.served_model_name or (os.path.basename(os.path.normpath(source.path)) if args.model else
                                       "SmolLM2-135M-Instruct")

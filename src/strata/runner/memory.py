@@ -17,7 +17,7 @@ from strata.models.config import ModelConfig
 
 GiB = 1 << 30
 MiB = 1 << 20
-CPU_KV_CAP = 512 * MiB  # per host, before sharing among local ranks
+CPU_KV_CAP = 384 * MiB  # per host, before sharing among local ranks
 CPU_KV_FRACTION = 0.10  # of MemAvailable, per host
 
 
