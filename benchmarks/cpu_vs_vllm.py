@@ -34,7 +34,8 @@ Run:
     python benchmarks/cpu_vs_vllm.py                      # strata only; says vLLM is not available
 
 Options worth knowing: `--workloads cpu256,chat32`, `--num-prompts N` (first N of each workload, for a quick
-check), `--vllm-kv-space GiB` (VLLM_CPU_KVCACHE_SPACE, default 4), `--vllm-arg ARG` (repeatable, passed to
+check), `--vllm-kv-space GiB` (VLLM_CPU_KVCACHE_SPACE, default 4; strata gets the same
+`--kv-cache-memory` unless a `--strata-arg` sets it), `--vllm-arg ARG` (repeatable, passed to
 the server), `--strata-arg ARG` (repeatable engine flags, e.g. `--strata-arg=--num-threads=2`),
 `--require-vllm` (exit 1 when vLLM cannot run).
 """
@@ -343,6 +344,9 @@ def main() -> int:
               "model_dir": model_dir,
               "workloads": {n: {"source": s, **_summary(r)} for n, (r, s) in workloads.items()}}
 
+    # Both engines get the same KV budget: vLLM's VLLM_CPU_KVCACHE_SPACE, unless strata's is given.
+    if not any(a.startswith("--kv-cache-memory") for a in args.strata_arg):
+        args.strata_arg = [*args.strata_arg, f"--kv-cache-memory={int(args.vllm_kv_space * (1 << 30))}"]
     if not args.skip_strata:
         result["strata"] = run_strata_offline(model_dir, workloads, args.strata_arg)
         if args.strata_server:
