@@ -137,14 +137,8 @@ def free_memory_bytes(device: str) -> int:
     if str(device).startswith("cuda"):
         free_b, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free_b)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    from strata.runner.memory import mem_available
+    return mem_available()
 
 
 def run_static(model, records, *, batch_size: int, device: str, time_limit: float | None) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 import uuid
 
 from fastapi import FastAPI, Request
@@ -31,6 +30,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import FileResponse, Response
 
 from strata.core.sampling_params import ParameterError
+from strata.serve.batch_store import FileStore, Results, _load_records, _now, _remove, _write_atomic
 from strata.serve.errors import APIError, from_exception
 from strata.serve.multipart import MultipartParser
 from strata.serve.protocol import BatchCreateRequest, parse_json_object, parse_model
@@ -45,116 +45,6 @@ _READ_LINES = 512             # input lines read per trip to a worker thread
 _SERVER_GONE = ("server_shutting_down", "engine_dead")  # a line's 503 that is the server's fault: not recorded
 
 
-def _now() -> int:
-    return int(time.time())
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """Replace `path` with `data` all at once (write a temporary file, fsync it, rename it over)."""
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------- files
-class Upload:
-    """An upload being streamed to a temporary file next to the final one."""
-
-    def __init__(self, store: "FileStore"):
-        self.id = store.new_id()
-        self.tmp = os.path.join(store.dir, f".upload-{self.id}.tmp")
-        self.f = open(self.tmp, "wb")
-
-    def write(self, data: bytes) -> None:
-        self.f.write(data)
-
-    def discard(self) -> None:
-        if not self.f.closed:
-            self.f.close()
-        _remove(self.tmp)
-
-
-class FileStore:
-    def __init__(self, root: str):
-        self.dir = os.path.join(root, "files")
-        os.makedirs(self.dir, exist_ok=True)
-        self._meta: dict[str, dict] = {}
-        names = set(os.listdir(self.dir))
-        for name in names:
-            path = os.path.join(self.dir, name)
-            if name.endswith(".tmp"):  # an upload or a write cut short by a crash
-                _remove(path)
-            elif name.endswith(".json"):
-                try:
-                    with open(path) as f:
-                        meta = json.load(f)
-                    self._meta[meta["id"]] = meta
-                except (OSError, ValueError, KeyError):
-                    logger.warning("ignoring unreadable file record %s", path)
-        for name in names:  # data whose record was never written (a crash in between)
-            if name.endswith(".data") and name[:-5] not in self._meta:
-                _remove(os.path.join(self.dir, name))
-
-    def path(self, fid: str) -> str:
-        return os.path.join(self.dir, fid + ".data")
-
-    def new_id(self) -> str:
-        return "file-" + uuid.uuid4().hex
-
-    def begin_upload(self) -> Upload:
-        return Upload(self)
-
-    def commit_upload(self, up: Upload, filename: str, purpose: str) -> dict:
-        """Blocking (run it in a thread): make the upload durable, then record it."""
-        up.f.flush()
-        os.fsync(up.f.fileno())
-        up.f.close()
-        os.replace(up.tmp, self.path(up.id))
-        return self.record(up.id, filename, purpose)
-
-    def write(self, fid: str, filename: str, purpose: str, data_path: str) -> dict:
-        """Blocking: a file made by the server (a batch's output), moved into place and recorded."""
-        os.replace(data_path, self.path(fid))
-        return self.record(fid, filename, purpose)
-
-    def record(self, fid: str, filename: str, purpose: str) -> dict:
-        old = self._meta.get(fid)
-        meta = {"id": fid, "object": "file", "bytes": os.path.getsize(self.path(fid)),
-                "created_at": old["created_at"] if old else _now(), "filename": filename, "purpose": purpose,
-                "status": "processed", "status_details": None}
-        _write_atomic(os.path.join(self.dir, fid + ".json"), json.dumps(meta).encode())
-        self._meta[fid] = meta
-        return meta
-
-    def get(self, fid: str) -> dict:
-        meta = self._meta.get(fid)
-        if meta is None:
-            raise APIError(404, f"No such file: {fid}", param="file_id", code="file_not_found")
-        return meta
-
-    def list(self, purpose: str | None = None) -> list[dict]:
-        return [m for m in sorted(self._meta.values(), key=lambda m: m["created_at"])
-                if purpose is None or m["purpose"] == purpose]
-
-    def delete(self, fid: str) -> dict:
-        self.get(fid)
-        del self._meta[fid]
-        _remove(os.path.join(self.dir, fid + ".json"))  # the record first: data without one is swept at start
-        _remove(self.path(fid))
-        return {"id": fid, "object": "file", "deleted": True}
-
-
-# ---------------------------------------------------------------------------------------------- input lines
 def _check_line(n: int, raw: bytes, endpoint: str, seen: set[str]) -> dict | None:
     """The request on line n, or None for a blank line; raises _LineError for a malformed one."""
     try:
@@ -222,68 +112,6 @@ def _read_requests(f, count: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- results
-class Results:
-    """A batch's results file: one JSON line per finished request, appended and flushed as it finishes (a
-    process kill loses nothing), fsync'd by one background sync at a time (group commit)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.f = None
-        self._sync: asyncio.Task | None = None
-        self._again = False
-
-    def load(self) -> tuple[set[str], int, int]:
-        """Blocking: scan() the results so far, then open the file for appending."""
-        found = self.scan()
-        self.f = open(self.path, "a", encoding="utf-8")
-        return found
-
-    def scan(self) -> tuple[set[str], int, int]:
-        """Blocking: (custom_ids with a result, completed, failed). A line torn by a crash is cut off."""
-        ids, ok, failed, good = set(), 0, 0, 0
-        if os.path.exists(self.path):
-            with open(self.path, "rb") as f:
-                for raw in f:
-                    try:
-                        rec = json.loads(raw) if raw.endswith(b"\n") else None
-                    except ValueError:
-                        rec = None
-                    if rec is None:
-                        break
-                    good += len(raw)
-                    if rec["custom_id"] not in ids:
-                        ids.add(rec["custom_id"])
-                        ok, failed = (ok + 1, failed) if rec["error"] is None else (ok, failed + 1)
-            if good < os.path.getsize(self.path):
-                os.truncate(self.path, good)
-        return ids, ok, failed
-
-    def append(self, rec: dict) -> None:
-        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.f.flush()
-        if self._sync is None or self._sync.done():
-            self._sync = asyncio.get_running_loop().create_task(self._fsync())
-        else:
-            self._again = True  # the running sync may have started before this write: one more round
-
-    async def _fsync(self) -> None:
-        while True:
-            self._again = False
-            await asyncio.to_thread(os.fsync, self.f.fileno())
-            if not self._again:
-                return
-
-    async def close(self) -> None:
-        if self.f is None:
-            return
-        if self._sync is not None:
-            await asyncio.gather(self._sync, return_exceptions=True)
-        await asyncio.to_thread(os.fsync, self.f.fileno())
-        self.f.close()
-        self.f = None
-
-
-# ---------------------------------------------------------------------------------------------- batches
 class BatchManager:
     def __init__(self, state, root: str | None = None):
         self.state = state
@@ -291,18 +119,7 @@ class BatchManager:
         self.files = FileStore(self.root)
         self.dir = os.path.join(self.root, "batches")
         os.makedirs(self.dir, exist_ok=True)
-        self.batches: dict[str, dict] = {}
-        for name in os.listdir(self.dir):
-            path = os.path.join(self.dir, name)
-            if name.endswith(".tmp"):
-                _remove(path)
-            elif name.endswith(".json"):
-                try:
-                    with open(path) as f:
-                        b = json.load(f)
-                    self.batches[b["id"]] = b
-                except (OSError, ValueError, KeyError):
-                    logger.warning("ignoring unreadable batch record %s", path)
+        self.batches: dict[str, dict] = _load_records(self.dir, "batch")
         self._tasks: dict[str, asyncio.Task] = {}
         self._sem: asyncio.Semaphore | None = None
         self._stopping = False
