@@ -211,6 +211,7 @@ def test_breaker_cuts_out_500s_and_probes_back_in(fleet):
                                              "timeout_s": 10.0},
                                   "retry": {"backoff_base_s": 0.005, "backoff_max_s": 0.02}})
     fleet.start(*good, bad, router)
+    router.wait_all_healthy()   # a first probe can race a replica's start; the test is about the breaker
     results = run(many(router.url, [dict(prompt=p, max_tokens=3) for p in _prompts(40, "b")], concurrency=4))
     assert all(r["status"] == 200 for r in results), [r for r in results if r["status"] != 200][:3]
     assert all(r["replica"] != bad.name for r in results)
@@ -240,6 +241,7 @@ def test_full_replicas_429_make_requests_wait_not_fail(fleet):
     b = fleet.replica(fake_args=["--mode", "error429"])
     router = fleet.router(replicas=[a.url, b.url])
     fleet.start(a, b, router)
+    router.wait_all_healthy()
 
     async def go():
         import aiohttp
