@@ -3,15 +3,15 @@
 Triton runs when the tensors are on CUDA, triton imports and STRATA_DISABLE_TRITON is unset, or always when
 STRATA_FORCE_TRITON=1 (CPU tests, with TRITON_INTERPRET=1 set before triton is imported). Otherwise the
 pure-torch twin in `ref.py` runs. triton is imported lazily, on the first call that wants it, so CPU-only
-users never pay for it. The environment is read on every call (a dict lookup) so tests can flip it.
+users never pay for it. The settings (`strata.settings`) are read on every call so tests can flip them.
 """
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
 
+from strata import settings
 from strata.ops import ref
 from strata.ops.ref import gather_kv  # noqa: F401  (a twin-only helper, re-exported for completeness)
 
@@ -51,11 +51,11 @@ def triton_available() -> bool:
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether a call whose main tensor is `t` goes to Triton."""
-    if os.environ.get("STRATA_FORCE_TRITON", "") == "1":
+    if settings.FORCE_TRITON.get():
         if _kernels() is None:
             raise RuntimeError(f"STRATA_FORCE_TRITON=1 but triton kernels failed to import: {_tk_error!r}")
         return True
-    if t.device.type != "cuda" or os.environ.get("STRATA_DISABLE_TRITON"):
+    if t.device.type != "cuda" or settings.DISABLE_TRITON.get():
         return False
     return _kernels() is not None
 
@@ -116,7 +116,6 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 # The fused epilogue is checked against the composition of the unfused kernels on the real device once, at
 # the runner's warm-up (`check_fused_qkv_epilogue`); a mismatch turns it off for the process, with a warning.
-# STRATA_DISABLE_FUSED_EPILOGUE=1 turns it off by hand.
 _fused_epilogue_ok = True
 
 
@@ -126,7 +125,7 @@ def qkv_epilogue(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torc
                  num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
     args = (qkv, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps, k_cache, v_cache, slot_mapping,
             num_heads, num_kv_heads, head_dim)
-    if use_triton(qkv) and _fused_epilogue_ok and not os.environ.get("STRATA_DISABLE_FUSED_EPILOGUE"):
+    if use_triton(qkv) and _fused_epilogue_ok:
         return _tk.qkv_epilogue(*args)
     return ref.qkv_epilogue(*args, ops=_this())
 
@@ -141,7 +140,7 @@ def check_fused_qkv_epilogue(device: torch.device, dtype: torch.dtype, num_heads
     """Run the fused kernel and the unfused kernels on the same random inputs on `device`; disable the fused
     one for this process if they disagree. Returns whether the fused kernel is in use."""
     global _fused_epilogue_ok
-    if not use_triton(torch.empty(0, device=device)) or os.environ.get("STRATA_DISABLE_FUSED_EPILOGUE"):
+    if not use_triton(torch.empty(0, device=device)):
         return False
     g = torch.Generator(device="cpu").manual_seed(0)
     T, bs, nb = 5, 16, 4
@@ -167,11 +166,6 @@ def check_fused_qkv_epilogue(device: torch.device, dtype: torch.dtype, num_heads
     return ok
 
 
-# Linear layers of few-row (decode) steps: opt-in (STRATA_SKINNY_GEMM=1) until GPU runs show it pays. Per shape,
-# the Triton skinny GEMM or cuBLAS, whichever was faster when the shape was first timed (skinny_gemm.py).
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if (x.dim() == 2 and 0 < x.shape[0] <= 16 and os.environ.get("STRATA_SKINNY_GEMM") == "1" and use_triton(x)
-            and x.stride(-1) == 1 and weight.stride(-1) == 1
-            and (x.dtype in (torch.bfloat16, torch.float16) or x.device.type != "cuda")):
-        return _tk.skinny_gemm.skinny_linear(x, weight, bias)
-    return torch.nn.functional.linear(x, weight, bias)
+# Linear layers: cuBLAS through F.linear. (A Triton skinny GEMM for decode rows was tried and measured no faster
+# on an H200, docs/BENCHMARKS.md; it is gone.) layers/linear.py still calls this name.
+linear = torch.nn.functional.linear

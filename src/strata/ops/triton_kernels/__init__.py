@@ -10,7 +10,6 @@ from strata.ops.triton_kernels.norm import fused_add_rms_norm, rms_norm
 from strata.ops.triton_kernels.prefill_attention import paged_prefill_attention
 from strata.ops.triton_kernels.epilogue import qkv_epilogue
 from strata.ops.triton_kernels.rotary import rotary_embedding
-from strata.ops.triton_kernels import skinny_gemm
 
 __all__ = [
     "reshape_and_cache",
@@ -21,5 +20,4 @@ __all__ = [
     "rotary_embedding",
     "silu_and_mul",
     "qkv_epilogue",
-    "skinny_gemm",
 ]

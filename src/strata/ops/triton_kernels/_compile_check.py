@@ -110,11 +110,6 @@ def _cases(full: bool):
                                                               32, 8, 128)),
         ("qkv_epilogue bf16", lambda: tk.qkv_epilogue(qkv, pos, cs, None, None, 1e-6, kc, kc, slots, 32, 8, 128)),
     ]
-    xs, ws, bias = torch.randn(1, 2560).to(dt), torch.randn(6144, 2560).to(dt), torch.randn(6144).to(dt)
-    for cfg in tk.skinny_gemm.CANDIDATES:
-        cases.append((f"skinny_gemm bf16 M=1 {cfg}", lambda c=cfg: tk.skinny_gemm._launch(xs, ws, None, c)))
-    cases.append(("skinny_gemm bf16 M=5 bias", lambda: tk.skinny_gemm._launch(torch.randn(5, 2560).to(dt), ws, bias,
-                                                                             tk.skinny_gemm.DEFAULT)))
     if full:
         cases += [
             ("decode fp16 split G=8", decode(torch.float16, 32, G=8)),
@@ -143,7 +138,7 @@ def main(argv=None) -> int:
         return 2
 
     from strata.ops.triton_kernels import (activation, cache, decode_attention, norm, prefill_attention,
-                                           epilogue, rotary, skinny_gemm)
+                                           epilogue, rotary)
 
     # Can this install compile for the target at all (nvidia backend, ptxas)? If not, nothing is checked.
     import torch
@@ -155,7 +150,7 @@ def main(argv=None) -> int:
         return 2
 
     calls: list = []
-    mods = [activation, cache, decode_attention, norm, prefill_attention, epilogue, rotary, skinny_gemm]
+    mods = [activation, cache, decode_attention, norm, prefill_attention, epilogue, rotary]
     for m in mods:
         for name in list(vars(m)):
             if name.endswith("_kernel") and isinstance(getattr(m, name), triton.runtime.JITFunction):

@@ -47,7 +47,7 @@ def mm(a, b, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
 
 
 _KERNEL_MODULES = ("activation", "cache", "decode_attention", "epilogue", "fused_moe", "norm", "prefill_attention",
-                   "rotary", "skinny_gemm")
+                   "rotary")
 
 
 def compiled_variants() -> dict[str, int]:
