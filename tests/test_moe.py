@@ -176,9 +176,8 @@ def test_fused_moe_decode_path_matches_twin(T, H, I, E, k, dtype, monkeypatch):
     want = moe_ref.fused_moe(x, w13, w2, w, ids)
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(got.float(), want.float(), **tol)
-    monkeypatch.setenv("STRATA_MOE_DECODE", "0")  # the sorted grouped GEMM on the same input
-    assert not fm.use_decode_path(T, k, E)
-    torch.testing.assert_close(fm.fused_moe(x, w13, w2, w, ids).float(), want.float(), **tol)
+    sorted_path = fm.fused_moe(x, w13, w2, w, ids, config={})  # a config forces the sorted grouped GEMM
+    torch.testing.assert_close(sorted_path.float(), want.float(), **tol)
     assert calls == [1]
 
 

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from strata import settings
 from strata.ops.triton_kernels._utils import dot_precision, interpreting, mm
 from strata.ops.triton_kernels.activation import silu_and_mul
 
@@ -211,7 +212,7 @@ def tuned_config(T: int, E: int, I: int, H: int, device_name: str | None) -> dic
     `moe_configs/` (or $STRATA_MOE_CONFIG_DIR), for this expert shape and GPU model; None if there is no table."""
     if device_name is None:
         return None
-    table = _load_tuned(os.path.join(os.environ.get("STRATA_MOE_CONFIG_DIR") or CONFIG_DIR,
+    table = _load_tuned(os.path.join(settings.MOE_CONFIG_DIR.get() or CONFIG_DIR,
                                      config_file_name(E, I, H, device_name)))
     if not table:
         return None
@@ -239,17 +240,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     cfg = {**default_config(P, E), **config}
     block_m = cfg["block_m"]
     tiles = {n: cfg[n] for n in ("block_n", "block_k", "num_warps", "num_stages")}
-    align = moe_align_torch if legacy() else moe_align
-    sorted_ids, block_expert, total, max_blocks = align(topk_ids, E, block_m, expert_offset)
+    sorted_ids, block_expert, total, max_blocks = moe_align(topk_ids, E, block_m, expert_offset)
     weights = topk_weights.reshape(-1).contiguous()
     x = x.contiguous()
     c1 = torch.empty((P, two_i), dtype=x.dtype, device=x.device)  # [T*k, 2I] in pair order
     _gemm(x, w13, c1, weights, sorted_ids, block_expert, total, max_blocks, P, k, False, block_m, **tiles)
-    if legacy():
-        gate, up = c1.chunk(2, dim=-1)
-        act = (torch.nn.functional.silu(gate.float()) * up.float()).to(x.dtype)  # [T*k, I]
-    else:
-        act = silu_and_mul(c1)  # the same math in one kernel instead of five torch ops
+    act = silu_and_mul(c1)  # [T*k, I]
     c2 = torch.zeros((P, H), dtype=torch.float32, device=x.device)  # unscheduled pairs stay 0
     _gemm(act, w2, c2, weights, sorted_ids, block_expert, total, max_blocks, P, 1, True, block_m, **tiles)
     return c2.view(T, k, H).sum(dim=1).to(x.dtype)
@@ -319,15 +315,13 @@ def _moe_decode_down_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, H, I, E, 
 
 
 def legacy() -> bool:
-    """STRATA_MOE_DECODE=0: the path before the decode work, for A/B runs: always the sorted grouped GEMM, with
-    the alignment and the routing in torch ops."""
-    return os.environ.get("STRATA_MOE_DECODE", "1") == "0"
+    """Always False. The path before the decode work (STRATA_MOE_DECODE=0: sorted GEMM always, alignment and
+    routing in torch ops) is gone; layers/moe.py still asks, until its owner drops the call."""
+    return False
 
 
 def use_decode_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
-    """Whether `fused_moe` takes the alignment-free path (not under STRATA_MOE_DECODE=0)."""
-    if legacy():
-        return False
+    """Whether `fused_moe` takes the alignment-free path."""
     return num_tokens == 1 or 2 * num_tokens * top_k <= num_experts
 
 
