@@ -383,9 +383,7 @@ def case_parity(base, args):
     res = {}
     layouts = {"tp2": {"tensor_parallel_size": 2}, "pp2": {"pipeline_parallel_size": 2},
                # one GPU, the torch twins instead of the Triton kernels (eager: the twins are not graph-safe)
-               "torch": {"attention_backend": "torch", "enforce_eager": True},
-               # one GPU, decode-step linears on the skinny GEMM kernel (per shape, when faster than cuBLAS)
-               "skinny": {"env": {"STRATA_SKINNY_GEMM": "1"}}}
+               "torch": {"attention_backend": "torch", "enforce_eager": True}}
     for dtype in args.parity_dtypes.split(","):
         ref = run_child({"kind": "parity", "path": d, "layout": {}, "dtype": dtype, "n_tok": n_tok, "extra": extra})
         for lay in [dict(layouts[name]) for name in args.parity_layouts.split(",")]:
@@ -398,8 +396,7 @@ def case_parity(base, args):
             equal = [a == b for a, b in zip(got["tokens"], ref["tokens"])]
             first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
                      for a, b in zip(got["tokens"], ref["tokens"])]
-            name = ("torch_backend" if lay.get("attention_backend") == "torch" else
-                    "skinny_gemm" if env else layout_name(lay))
+            name = "torch_backend" if lay.get("attention_backend") == "torch" else layout_name(lay)
             res[f"{dtype}_{name}"] = {"sequences_equal": sum(equal), "of": len(equal), "first_divergence": first,
                                       "margins": [divergence_margin(ref, got, i, k) for i, k in enumerate(first)
                                                   if k is not None]}
@@ -547,7 +544,7 @@ def main() -> int:
     ap.add_argument("--async-steps", action="store_true",
                     help="--async-scheduling in every engine (PP engines still step synchronously)")
     ap.add_argument("--parity-dtypes", default="float32,bfloat16")
-    ap.add_argument("--parity-layouts", default="tp2,pp2", help="any of tp2, pp2, torch (one GPU, torch twins), skinny (one GPU, STRATA_SKINNY_GEMM=1)")
+    ap.add_argument("--parity-layouts", default="tp2,pp2", help="any of tp2, pp2, torch (one GPU, torch twins)")
     ap.add_argument("--sharegpt-mp", default="tp2,pp2", help="layouts of the sharegpt_mp case")
     ap.add_argument("--smoke-timeout", type=int, default=600, help="seconds before the smoke case is killed")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: .carry/tok if present, else "

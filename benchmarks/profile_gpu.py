@@ -93,7 +93,6 @@ def main() -> int:
            "tensor_parallel_size": a.tensor_parallel_size, "enable_expert_parallel": a.enable_expert_parallel,
            "async_scheduling": bool(getattr(eng, "async_scheduling", False)),
            "blas": str(torch.backends.cuda.preferred_blas_library()) if torch.cuda.is_available() else None,
-           "skinny_gemm": os.environ.get("STRATA_SKINNY_GEMM") == "1",
            "compiled_after_load": compiled_variants()}
     wl = {n: json.load(open(os.path.join(a.workloads, f"{n}.json"))) for n in ("seed64", "sharegpt1000")}
 
@@ -190,8 +189,6 @@ def main() -> int:
         log("mixed", json.dumps({k: v for k, v in out["profile_mixed"].items() if k != "top"}))
         save()
     out["compiled_at_end"] = compiled_variants()
-    from strata.ops.triton_kernels.skinny_gemm import tuned_choices
-    out["skinny_gemm_choices"] = tuned_choices()
     save()
     return 0
 
