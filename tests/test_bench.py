@@ -171,3 +171,82 @@ def test_bad_input_is_a_clear_error(tiny_dir, tmp_path, capsys):
     assert main(["bench", "throughput", "--model", tiny_dir, "--baseline-modes", "static,fast"]) == 2
     assert "unknown baseline mode" in capsys.readouterr().err
     assert main(["bench", "latency", "--model", tiny_dir, "--batch-sizes", "1,x"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ benchmarks/run.py
+ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    import sys
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_driver_suites_cover_the_benchmark_programs():
+    run = _bench_module("run")
+    used = set()
+    for name, suite in run.SUITES.items():
+        for st in suite.steps + (suite.smoke or []):
+            cmd = st.cmd.format(**{**run.DEFAULTS, "vllm": "python3", "out": "o"})  # every placeholder is known
+            for word in cmd.split():
+                if word.startswith("benchmarks/"):
+                    assert os.path.isfile(os.path.join(ROOT, word)), (name, st.name, word)
+                    used.add(os.path.basename(word))
+    programs = {f for f in os.listdir(BENCH) if f.endswith(".py")} - {"run.py"}
+    assert programs <= used, f"benchmark programs in no suite of benchmarks/run.py: {sorted(programs - used)}"
+    assert not [f for f in os.listdir(BENCH) if f.endswith(".sh")], "campaigns are suites of benchmarks/run.py"
+
+
+def test_driver_dry_run_prints_the_expanded_commands(tmp_path, capsys):
+    run = _bench_module("run")
+    assert run.main(["engine", "--dry-run", "--out", str(tmp_path), "--set", "tok=/t/tok"]) == 0
+    out = capsys.readouterr().out
+    assert "bench throughput" in out and f"{tmp_path}/seed64.json" in out and "--tokenizer /t/tok" in out
+    assert run.main(["list"]) == 0
+    with pytest.raises(SystemExit):
+        run.main(["no-such-suite"])
+
+
+def test_ab_trees_summary_compares_best_of_each_tree():
+    ab = _bench_module("ab_trees")
+
+    def run(tree, wall, tok_s, tpot):
+        return {"tree": tree, "ok": True, "seed64": [{"wall_s": w} for w in wall],
+                "sharegpt1000": [{"output_tok_s": tok_s}], "latency": {"tpot_ms": tpot}}
+    runs = [run("old", [1.00, 1.10], 100.0, 3.0), run("new", [1.02, 1.01], 99.0, 3.2),
+            run("old", [1.05], 98.0, 3.1), run("new", [1.2], 97.0, 3.25), {"tree": "new", "ok": False}]
+    s = ab.summarise(runs, ["old", "new"], 3.0)
+    old, new = s["per_tree"]["old"], s["per_tree"]["new"]
+    assert old["seed64_wall_s"]["best"] == 1.00 and new["seed64_wall_s"]["best"] == 1.01
+    assert old["seed64_wall_s"]["n"] == 3 and round(old["seed64_wall_s"]["spread_pct"], 3) == 10.0
+    assert new["sharegpt1000_output_tok_s"]["best"] == 99.0
+    c = s["compare"]["new_vs_old"]
+    assert round(c["seed64_wall_s"]["slower_pct"], 3) == 1.0 and c["seed64_wall_s"]["within"]
+    assert round(c["sharegpt1000_output_tok_s"]["slower_pct"], 3) == round(100 * (100 / 99 - 1), 3)
+    assert round(c["b1_tpot_ms"]["slower_pct"], 3) == round(100 * (3.2 / 3.0 - 1), 3)
+    assert not c["b1_tpot_ms"]["within"] and not c["all_within"]
+    assert "new_vs_old" in ab.table(s, ["old", "new"])
+
+
+def test_regress_smoke_runs_two_trees_end_to_end(tmp_path):
+    """`run.py regress --smoke`: both trees (here the same src under two names) in fresh processes, one JSON."""
+    import subprocess
+    import sys
+    src = os.path.join(ROOT, "src")
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "regress", "--smoke", "--out", str(tmp_path),
+                        "--set", f"old={src}", "--set", f"new={src}"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rec = json.loads((tmp_path / "regress.json").read_text())
+    assert [(x["tree"], x["ok"]) for x in rec["runs"]] == [("old", True), ("new", True)]
+    for x in rec["runs"]:
+        assert x["strata_file"].startswith(src) and x["seed64"][0]["output_lengths_exact"]
+        assert x["seed64"][0]["prefix_cache_reset"] != "none" and x["latency"]["tpot_ms"] > 0
+    assert set(rec["summary"]["compare"]["new_vs_old"]) >= {"seed64_wall_s", "sharegpt1000_output_tok_s",
+                                                           "b1_tpot_ms", "all_within"}
+    steps = json.loads((tmp_path / "regress-steps.json").read_text())
+    assert steps["steps"][0]["rc"] == 0 and (tmp_path / "regress.log").is_file()
