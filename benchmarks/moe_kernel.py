@@ -3,8 +3,8 @@ sweep, and the bandwidth of the experts it reads.
 
     python benchmarks/moe_kernel.py --out moe_kernel.json [--quick] [--decode-ab]
 
-Why: on 4 x H200 (2026-11-22) the MoE model's batch-1 time per token was 8.8 ms on one GPU and 8.6 ms at TP=4,
-against 3.3 ms planned: a per-layer cost that does not shrink with TP. This measures the kernel alone (alignment
+Why: the MoE model's batch-1 time per token hardly fell with TP on 4 x H200, far above the plan (figures in
+docs/PARALLELISM.md, "Four GPUs" and "MoE decode"): a per-layer cost. This measures the kernel alone (alignment
 + two grouped GEMMs + activation) per (tokens, TP width), graph-timed so that launch overhead counts as it does
 in the decode graphs. Shapes: 128 experts, top-8, hidden 2048, expert width 768 / TP. Every config's output is
 checked against the default's (same tiles up to rounding) before it is timed.

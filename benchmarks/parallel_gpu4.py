@@ -86,7 +86,7 @@ def case_moe_parity(base, args):
 
 def case_ppgraphs(base, args):
     """Pipeline stages as CUDA graphs (STRATA_PP_GRAPHS=1) against eager stages: on 4 GPUs Llama-3-70B at
-    TP=2 x PP=2 (eager: 48.7 ms per token on 2026-11-22), on 2 GPUs Llama-3-8B at PP=2. Float32 greedy parity of
+    TP=2 x PP=2 (eager figures: docs/PARALLELISM.md, "Four GPUs"), on 2 GPUs Llama-3-8B at PP=2. Float32 greedy parity of
     the graph path against TP=1 on the model's widths cut to 4 layers; batch-1 latency eager and with graphs;
     sharegpt1000 with graphs."""
     import torch
