@@ -2,22 +2,34 @@
 
     python benchmarks/ctrl_channel.py
 
-old: the dataclass message of commit 462e31d (whole block tables every step) over gloo; gloo: the current
-message (NamedTuple chunks, block-table diffs) over gloo; shm: the current message through the shared-memory
-ring. Two processes on this machine; the ack (a multiprocessing pipe) is the same for all three.
+old: the dataclass message of commit 462e31d (whole block tables every step) over gloo; gloo: the NamedTuple
+chunks with block-table diffs of the former `StepMsg` (commits before issue 19's `StepPlan`; the chunk is
+defined here) over gloo; shm: the same chunks through the shared-memory ring. Two processes on this machine;
+the ack (a multiprocessing pipe) is the same for all three. It measures the transport of those payloads, not
+`StepPlan` itself.
 """
 import os, sys, time, pickle, statistics
 import torch, torch.distributed as dist
 import torch.multiprocessing as mp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 from dataclasses import dataclass
+from typing import NamedTuple
 
 @dataclass
 class OldChunk:  # the dataclass message of 462e31d: whole block table every step
     start: int; num_tokens: int; sample: bool; token_ids: list; block_ids: list; slot: int
 
+class ChunkMsg(NamedTuple):  # the former strata.parallel.stage.ChunkMsg (9994b6a and before)
+    start: int
+    num_tokens: int
+    sample: bool
+    token_ids: list
+    block_base: int
+    new_block_ids: list
+    slot: int
+    pending: bool = False
+
 def make(kind, B, step):
-    from strata.parallel.stage import ChunkMsg
     if kind == "old":
         return [OldChunk(1000 + step, 1, True, [5], list(range(40)), i) for i in range(B)]
     # new: a decode appends a block every 16 steps
