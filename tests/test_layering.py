@@ -181,33 +181,83 @@ def violations() -> dict[str, list[str]]:
 
 
 # Packages that run without torch (a laptop, the router's host, `strata plan` in a second): no module in them
-# imports these, at any level, and every strata module they import is in one of them too. This folds in the
-# router's and the planner's own checks (test_router_unit.py, test_plan.py).
+# imports these at any level, and importing any strata module they import does not import them either (that
+# module's import-time closure: imports outside functions and TYPE_CHECKING blocks, parent packages included).
+# This folds in the router's and the planner's own checks (test_router_unit.py, test_plan.py).
 TORCH_FREE = ("settings", "core", "config", "kvcache", "sched", "plan", "router", "cli")
 HEAVY = {"torch", "numpy", "transformers", "triton"}
 
 
-def _heavy_imports(path: pathlib.Path) -> list[tuple[int, str]]:
-    out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] in HEAVY]
-        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in HEAVY:
-            out.append((node.lineno, node.module))
-    return out
+def _import_nodes(tree: ast.AST, import_time: bool):
+    """Import nodes of a module; with import_time, only those that run when it is imported."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        for child in ast.iter_child_nodes(node):
+            if import_time and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if import_time and isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                todo += child.orelse
+                continue
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                yield child
+            todo.append(child)
+
+
+def _heavy_names(node) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.split(".")[0] in HEAVY]
+    if not node.level and (node.module or "").split(".")[0] in HEAVY:
+        return [node.module]
+    return []
+
+
+def _heavy_at_import(mods: dict[str, pathlib.Path]) -> dict[str, list[str]]:
+    """module -> the chain by which importing it imports a heavy package (absent when it does not)."""
+    direct: dict[str, list[str]] = {}
+    deps: dict[str, set[str]] = {}
+    for mod, path in mods.items():
+        tree = ast.parse(path.read_text(), str(path))
+        nodes = list(_import_nodes(tree, import_time=True))
+        heavy = [n for node in nodes for n in _heavy_names(node)]
+        if heavy:
+            direct[mod] = [f"{mod} imports {heavy[0]}"]
+        lines = {node.lineno for node in nodes}
+        targets = {t for line, t in _imports(mod, path) if line in lines}
+        # importing a.b.c runs a and a.b first
+        deps[mod] = {".".join(t.split(".")[:i]) for t in targets for i in range(2, t.count(".") + 2)} - {mod}
+    chain: dict[str, list[str]] = dict(direct)
+    changed = True
+    while changed:
+        changed = False
+        for mod, ds in deps.items():
+            if mod in chain:
+                continue
+            for d in sorted(ds):
+                if d in chain:
+                    chain[mod] = [f"{mod} imports {d}"] + chain[d]
+                    changed = True
+                    break
+    return chain
 
 
 def test_torch_free_packages_stay_torch_free():
     mods = _modules()
+    heavy = _heavy_at_import(mods)
     bad = []
     for mod, path in mods.items():
         if _package(mod) not in TORCH_FREE:
             continue
         rel = path.relative_to(SRC.parent)
-        bad += [f"{rel}:{line} imports {name}" for line, name in _heavy_imports(path)]
-        bad += [f"{rel}:{line} imports {target} (package {_package(target)} is not torch-free)"
-                for line, target in _imports(mod, path) if _package(target) not in TORCH_FREE]
-    assert not bad, f"torch-free packages ({', '.join(TORCH_FREE)}):\n  " + "\n  ".join(bad)
+        for node in _import_nodes(ast.parse(path.read_text(), str(path)), import_time=False):
+            bad += [f"{rel}:{node.lineno} imports {n}" for n in _heavy_names(node)]
+        for line, target in _imports(mod, path):
+            parents = [".".join(target.split(".")[:i]) for i in range(2, target.count(".") + 2)]
+            for t in parents:
+                if t in heavy:
+                    bad.append(f"{rel}:{line} imports {target}: " + ", ".join(heavy[t]))
+                    break
+    assert not bad, f"torch-free packages ({', '.join(TORCH_FREE)}):\n  " + "\n  ".join(sorted(set(bad)))
 
 
 def test_layers_name_every_package_once():
@@ -239,7 +289,8 @@ def test_the_check_sees_function_level_imports_and_cycles(tmp_path, monkeypatch)
     pkg = src / "strata"
     for d, files in {"core": {"a.py": "def f():\n    from strata.engine import b\n"},
                      "engine": {"b.py": "from strata.engine.c import x\n", "c.py": "import strata.engine.b\nx = 1\n",
-                                "d.py": "from strata.core import errors\n"}}.items():
+                                "d.py": "from strata.core import errors\n", "e.py": "import torch\n",
+                                "f.py": "def g():\n    import torch\n", "g.py": "from strata.engine import e\n"}}.items():
         (pkg / d).mkdir(parents=True)
         (pkg / d / "__init__.py").write_text("")
         for name, text in files.items():
@@ -254,3 +305,6 @@ def test_the_check_sees_function_level_imports_and_cycles(tmp_path, monkeypatch)
     assert found["upward: strata.core.a -> strata.engine.b"] == ["src/strata/core/a.py:2 imports strata.engine.b"]
     assert "file cycle: strata.engine.b <-> strata.engine.c" in found
     assert "package cycle: core <-> engine" in found
+    heavy = me._heavy_at_import(me._modules())
+    assert heavy["strata.engine.g"] == ["strata.engine.g imports strata.engine.e", "strata.engine.e imports torch"]
+    assert "strata.engine.f" not in heavy and "strata.engine" not in heavy
