@@ -263,7 +263,7 @@ def list_suites() -> None:
     for name, s in SUITES.items():
         print(f"{name:15} [{s.machine}] {s.about}")
         for st in s.steps:
-            print(f"    {st.name:20} {st.timeout:>4} s  {st.cmd}")
+            print(f"    {st.name:20} {st.timeout:>4} s  {st.cmd.replace('{{', '{').replace('}}', '}')}")
         if s.smoke:
             print(f"    (--smoke: {', '.join(st.name for st in s.smoke)} on the CPU)")
 
