@@ -1,10 +1,111 @@
-"""Model configuration read from an HF `config.json` dict (transformers 4.x and 5.x spellings)."""
+"""The one reader of Hugging Face `config.json` (transformers 4.x and 5.x spellings), for the engine and `strata plan`.
+
+`read_config_json` reads the file. `hf_fields` reads what every user of a config needs (the shapes, experts,
+which layers are MoE, tied embeddings, biases, q/k norm), each spelling resolved and each field checked once.
+`model_config_from_dict` adds what the engine runs with (rope, eps, token ids, sliding windows) as `ModelConfig`;
+`strata.plan.arch.arch_from_config` builds the planner's `Arch` from the same fields. Torch-free: `strata plan`
+imports this module and stays light.
+"""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from strata.core.errors import ModelLoadError
+
+
+def read_config_json(path: str) -> dict:
+    """The JSON object in the file `path`; ModelLoadError naming the file when it cannot be read."""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def text_config(d: dict) -> dict:
+    """A multimodal config's language-model part (`text_config`, keeping the top-level quantization_config)."""
+    if "hidden_size" not in d and isinstance(d.get("text_config"), dict):
+        return {**d["text_config"], "quantization_config": d.get("quantization_config")}
+    return d
+
+
+@dataclass(frozen=True)
+class HFFields:
+    """The fields of a config.json that the engine and the planner both use, as transformers reads them."""
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    intermediate_size: int  # dense MLP width (ffn_dim / intermediate_size / n_inner; an MoE-only config: the expert's)
+    num_experts: int  # routed experts; 0: dense
+    num_experts_per_tok: int  # 0: not given
+    moe_intermediate_size: int  # one routed expert's width (Mixtral: the full MLP width); 0: dense
+    moe_layer_mask: tuple[bool, ...] | None  # which layers are MoE; None: all of them when num_experts > 0
+    tie_word_embeddings: bool
+    attention_bias: bool  # biases on q, k, v (Qwen2's default)
+    qk_norm: bool  # per-head RMSNorm on q and k (Qwen3)
+    max_position_embeddings: int  # 0: not given
+
+
+def _is(d: dict, model_types: tuple[str, ...], archs: tuple[str, ...]) -> bool:
+    return d.get("model_type") in model_types or any(a in archs for a in d.get("architectures") or [])
+
+
+def hf_fields(d: dict, source: str = "config.json") -> HFFields:
+    """The shared fields of config dict `d`. ModelLoadError naming `source` and every missing field (or the bad
+    one): a missing shape, a non-integer or non-positive size."""
+    if not isinstance(d, dict):
+        raise ModelLoadError(f"{source}: expected a JSON object")
+    d = text_config(d)
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if not d.get(k)]
+    ffn_key = next((k for k in ("ffn_dim", "intermediate_size", "n_inner") if d.get(k)), None)
+    try:
+        experts = int(d.get("num_local_experts") or d.get("num_experts") or d.get("n_routed_experts") or 0)
+        moe_ffn = int(d.get("moe_intermediate_size") or 0) or (int(d[ffn_key]) if ffn_key else 0)
+        if ffn_key is None and not (experts and moe_ffn):
+            missing.append("intermediate_size")
+        if missing:
+            raise ModelLoadError(f"{source} lacks {', '.join(missing)} (needed to size the model)")
+        hidden, layers, heads = int(d["hidden_size"]), int(d["num_hidden_layers"]), int(d["num_attention_heads"])
+        kv = int(d.get("num_key_value_heads") or heads)
+        sizes = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     num_key_value_heads=kv, head_dim=int(d.get("head_dim") or hidden // heads),
+                     vocab_size=int(d["vocab_size"]))
+        top_k = int(d.get("num_experts_per_tok") or 0) if experts else 0
+        step = int(d.get("decoder_sparse_step") or 1)
+        first_moe = int(d.get("first_k_dense_replace") or 0)
+        max_pos = int(d.get("max_position_embeddings") or 0)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{source}: a shape field is not an integer ({e})") from None
+    for k, v in sizes.items():
+        if v <= 0:
+            raise ModelLoadError(f"{source}: {k} must be positive, got {v}")
+    if heads % kv:
+        raise ModelLoadError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    if top_k > experts:
+        raise ModelLoadError(f"{source}: num_experts_per_tok {top_k} > experts {experts}")
+    mask = None
+    if experts:
+        dense_only = set(d.get("mlp_only_layers") or [])
+        mask = tuple(i not in dense_only and (i + 1) % step == 0 and i >= first_moe for i in range(layers))
+        if all(mask):
+            mask = None
+    return HFFields(
+        **sizes,
+        intermediate_size=int(d[ffn_key]) if ffn_key else moe_ffn,
+        num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=moe_ffn if experts else 0,
+        moe_layer_mask=mask,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", d.get("model_type") == "opt")),
+        attention_bias=bool(d.get("attention_bias", _is(d, ("qwen2", "qwen2_moe"), ("Qwen2ForCausalLM",)))),
+        qk_norm=_is(d, ("qwen3", "qwen3_moe"), ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")),
+        max_position_embeddings=max_pos)
 
 
 @dataclass
@@ -32,6 +133,7 @@ class ModelConfig:
     num_experts_per_tok: int | None = None
     moe_intermediate_size: int | None = None
     norm_topk_prob: bool = True
+    moe_layer_mask: tuple[bool, ...] | None = None  # which layers are MoE; None: all of them when num_experts
     # Sliding-window attention: each query sees its own key and the sliding_window - 1 before it, on the
     # layers in sliding_window_layers (None = every layer). sliding_window None = full attention everywhere.
     sliding_window: int | None = None
@@ -46,16 +148,14 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` (global index) has routed experts (mlp_only_layers, decoder_sparse_step)."""
+        return bool(self.num_experts) and (self.moe_layer_mask is None or self.moe_layer_mask[layer_idx])
+
     @property
     def kv_bytes_per_token(self) -> int:
         """Per layer-stack, for element size 1 (multiply by dtype size)."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
-
-
-def _req(d: dict, key: str) -> Any:
-    if key not in d:
-        raise ModelLoadError(f"config.json is missing the field {key!r}")
-    return d[key]
 
 
 # transformers' default `sliding_window` where config.json leaves the key out
@@ -92,38 +192,36 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
     from strata.models.registry import resolve_architecture
 
     arch = resolve_architecture(d)
-    heads = _req(d, "num_attention_heads")
-    hidden = _req(d, "hidden_size")
+    f = hf_fields(d)
     rope = d.get("rope_parameters") or {}
     theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     eos = d.get("eos_token_id")
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    is_qwen = arch.startswith("Qwen")
-    num_layers = _req(d, "num_hidden_layers")
-    window, window_layers = _sliding_window(d, arch, num_layers)
+    window, window_layers = _sliding_window(d, arch, f.num_hidden_layers)
     return ModelConfig(
         architecture=arch,
-        vocab_size=_req(d, "vocab_size"),
-        hidden_size=hidden,
-        intermediate_size=d.get("intermediate_size") or 0,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or hidden // heads,
+        vocab_size=f.vocab_size,
+        hidden_size=f.hidden_size,
+        intermediate_size=f.intermediate_size,
+        num_hidden_layers=f.num_hidden_layers,
+        num_attention_heads=f.num_attention_heads,
+        num_key_value_heads=f.num_key_value_heads,
+        head_dim=f.head_dim,
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
         rope_scaling=scaling,
-        max_position_embeddings=d.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=bool(d.get("attention_bias", arch == "Qwen2ForCausalLM")),
-        qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+        max_position_embeddings=f.max_position_embeddings or 2048,
+        tie_word_embeddings=f.tie_word_embeddings,
+        attention_bias=f.attention_bias,
+        qk_norm=f.qk_norm,
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=eos,
-        num_experts=d.get("num_experts") or d.get("num_local_experts"),
-        num_experts_per_tok=d.get("num_experts_per_tok"),
-        moe_intermediate_size=d.get("moe_intermediate_size") or (d.get("intermediate_size") if d.get("num_local_experts") else None),
-        norm_topk_prob=bool(d.get("norm_topk_prob", True)) if is_qwen else True,
+        num_experts=f.num_experts or None,
+        num_experts_per_tok=f.num_experts_per_tok or None,
+        moe_intermediate_size=f.moe_intermediate_size or None,
+        moe_layer_mask=f.moe_layer_mask,
+        norm_topk_prob=bool(d.get("norm_topk_prob", True)) if arch.startswith("Qwen") else True,
         sliding_window=window,
         sliding_window_layers=window_layers,
         raw=d,

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 from dataclasses import dataclass, field
 
+from strata.core.errors import ModelLoadError
+from strata.models.config import hf_fields, read_config_json, text_config
 from strata.plan.errors import ConfigError, UnknownModelError
 
 # How a tensor is split over the TP (or EP) group:
@@ -236,54 +237,22 @@ _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf
 
 
 def arch_from_config(cfg: dict, name: str = "config", source: str = "config.json") -> Arch:
-    """Build an Arch from a Hugging Face config.json dict. Raises ConfigError naming the missing fields."""
+    """Build an Arch from a Hugging Face config.json dict (fields read by `strata.models.config.hf_fields`, the
+    engine's reader). Raises ConfigError naming the missing fields."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: expected a JSON object")
-    if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
-        cfg = {**cfg["text_config"], "quantization_config": cfg.get("quantization_config")}
+    cfg = text_config(cfg)
     mt = str(cfg.get("model_type", ""))
     if mt.startswith("deepseek") or "kv_lora_rank" in cfg:
         raise ConfigError(f"{source}: model_type {mt!r} uses multi-head latent attention, which the planner "
                           f"does not model yet")
-    opt = mt == "opt"
-    need = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
-    ffn_key = next((k for k in ("ffn_dim", "intermediate_size", "n_inner") if cfg.get(k)), None)
-    missing = [k for k in need if not cfg.get(k)]
-    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0)
-    moe_ffn = int(cfg.get("moe_intermediate_size") or 0)
-    if not moe_ffn and ffn_key:
-        moe_ffn = int(cfg.get(ffn_key) or 0)  # Mixtral: each expert is a full-width MLP
-    if ffn_key is None and not (experts and moe_ffn):
-        missing.append("intermediate_size")
-    if experts and not cfg.get("num_experts_per_tok"):
-        missing.append("num_experts_per_tok")
-    if missing:
-        raise ConfigError(f"{source} lacks {', '.join(missing)} (needed to size the model); "
-                          f"give a complete Hugging Face config.json or a built-in name")
+    hint = "; give a complete Hugging Face config.json or a built-in name"
     try:
-        d = int(cfg["hidden_size"])
-        L = int(cfg["num_hidden_layers"])
-        h = int(cfg["num_attention_heads"])
-        kv = int(cfg.get("num_key_value_heads") or h)
-        hd = int(cfg.get("head_dim") or d // h)
-        ffn = int(cfg.get(ffn_key) or 0) if ffn_key else moe_ffn
-        vocab = int(cfg["vocab_size"])
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: a shape field is not an integer ({e})") from None
-    for k, v in (("hidden_size", d), ("num_hidden_layers", L), ("num_attention_heads", h),
-                 ("num_key_value_heads", kv), ("head_dim", hd), ("vocab_size", vocab)):
-        if v <= 0:
-            raise ConfigError(f"{source}: {k} must be positive, got {v}")
-    if h % kv:
-        raise ConfigError(f"{source}: num_attention_heads {h} is not a multiple of num_key_value_heads {kv}")
-    mask = None
-    if experts:
-        step = int(cfg.get("decoder_sparse_step") or 1)
-        dense_only = set(cfg.get("mlp_only_layers") or [])
-        first_dense = int(cfg.get("first_k_dense_replace") or 0)
-        mask = tuple((i not in dense_only) and ((i + 1) % step == 0) and i >= first_dense for i in range(L))
-        if all(mask):
-            mask = None
+        f = hf_fields(cfg, source)
+    except ModelLoadError as e:
+        raise ConfigError(f"{e}{hint if ' lacks ' in str(e) else ''}") from None
+    if f.num_experts and not f.num_experts_per_tok:
+        raise ConfigError(f"{source} lacks num_experts_per_tok (needed to size the model){hint}")
     dtype = _DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"), "bf16")
     q = cfg.get("quantization_config") or {}
     if isinstance(q, dict) and q:
@@ -293,24 +262,23 @@ def arch_from_config(cfg: dict, name: str = "config", source: str = "config.json
         elif q.get("bits") == 4 or method in ("awq", "gptq", "bitsandbytes") and q.get("load_in_4bit", True):
             dtype = "int4"
     kw: dict = dict(
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", opt)),
-        qk_norm=mt in ("qwen3", "qwen3_moe"),
-        qkv_bias=bool(cfg.get("attention_bias", mt in ("qwen2", "qwen2_moe"))),
-        experts=experts,
-        experts_per_token=int(cfg.get("num_experts_per_tok") or 0) if experts else 0,
-        moe_intermediate=moe_ffn if experts else 0,
-        shared_expert_intermediate=int(cfg.get("shared_expert_intermediate_size") or 0) if experts else 0,
-        moe_layer_mask=mask,
-        max_position=int(cfg.get("max_position_embeddings") or 0),
+        tie_embeddings=f.tie_word_embeddings,
+        qk_norm=f.qk_norm,
+        qkv_bias=f.attention_bias,
+        experts=f.num_experts,
+        experts_per_token=f.num_experts_per_tok,
+        moe_intermediate=f.moe_intermediate_size,
+        shared_expert_intermediate=int(cfg.get("shared_expert_intermediate_size") or 0) if f.num_experts else 0,
+        moe_layer_mask=f.moe_layer_mask,
+        max_position=f.max_position_embeddings,
         dtype=dtype,
         source=source,
     )
-    if opt:
+    if mt == "opt":
         kw.update(mlp="plain", norm="layer", linear_bias=bool(cfg.get("enable_bias", True)), qkv_bias=False,
                   learned_positions=int(cfg.get("max_position_embeddings") or 2048) + 2)
-    if experts and kw["experts_per_token"] > experts:
-        raise ConfigError(f"{source}: num_experts_per_tok {kw['experts_per_token']} > experts {experts}")
-    return Arch(name, d, L, h, kv, hd, ffn, vocab, **kw)
+    return Arch(name, f.hidden_size, f.num_hidden_layers, f.num_attention_heads, f.num_key_value_heads, f.head_dim,
+                f.intermediate_size, f.vocab_size, **kw)
 
 
 def _hf_cache_dirs() -> list[str]:
@@ -353,10 +321,9 @@ def load_arch(model: str) -> Arch:
 
 def _read_config(cfg_path: str, name: str) -> Arch:
     try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read {cfg_path}: {e}") from None
+        cfg = read_config_json(cfg_path)
+    except ModelLoadError as e:
+        raise ConfigError(str(e)) from None
     b = builtin(name)
     arch = arch_from_config(cfg, name=name, source=cfg_path)
     return dataclasses.replace(arch, aliases=b.aliases if b else ())
