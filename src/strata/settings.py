@@ -71,6 +71,9 @@ FORCE_TRITON = _declare(
     "run the Triton kernels on any device (CPU tests, with TRITON_INTERPRET=1); fail if they do not import")
 DISABLE_TRITON = _declare(
     "STRATA_DISABLE_TRITON", bool, False, "run the pure-torch twins of every kernel, also on CUDA")
+CPU_KERNELS = _declare(
+    "STRATA_CPU_KERNELS", bool, True,
+    "build and use strata's C kernels on the CPU (paged decode attention); 0 runs the torch twins")
 MOE_CONFIG_DIR = _declare(
     "STRATA_MOE_CONFIG_DIR", str, "", "directory of tuned fused-MoE tile tables (default: the packaged moe_configs/)")
 

@@ -1,5 +1,6 @@
 """Kernel entry points: the names of `strata.ops.ref`, dispatched per call.
 
+On the CPU, float32 paged decode attention runs the C kernel of `strata.ops.cpu` when it builds.
 Triton runs when the tensors are on CUDA, triton imports and STRATA_DISABLE_TRITON is unset, or always when
 STRATA_FORCE_TRITON=1 (CPU tests, with TRITON_INTERPRET=1 set before triton is imported). Otherwise the
 pure-torch twin in `ref.py` runs. triton is imported lazily, on the first call that wants it, so CPU-only
@@ -12,7 +13,7 @@ from types import ModuleType
 import torch
 
 from strata import settings
-from strata.ops import ref
+from strata.ops import cpu, ref
 from strata.ops.ref import gather_kv  # noqa: F401  (a twin-only helper, re-exported for completeness)
 
 __all__ = [
@@ -73,6 +74,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if use_triton(q):
         return _tk.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len,
                                           sliding_window=sliding_window)
+    if q.device.type == "cpu" and (out := cpu.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                                                     scale, sliding_window)) is not None:
+        return out
     return ref.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len,
                                       sliding_window)
 
