@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+from strata import settings
 from strata.core.errors import StrataError
 
 log = logging.getLogger("strata.batch")
@@ -227,7 +228,7 @@ def run_batch_cli(args: argparse.Namespace) -> int:
         apply_defaults(args)
         from strata.batch.sharding import detect_rank
         rank, world, _ = detect_rank(args.rank, args.world_size)
-        if args.data_parallel_size > 1 and not os.environ.get("STRATA_BATCH_DP_CHILD"):
+        if args.data_parallel_size > 1 and not settings.BATCH_DP_CHILD.get():
             from strata.batch.dp import launch
             return launch(args, rank, world)
         return run_batch(args, engine_factory=make_engine)

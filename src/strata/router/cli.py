@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import urllib.error
 import urllib.request
 
+from strata import settings
 from strata.router.config import POLICIES, ConfigError
 
 
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run)
     sub = p.add_subparsers(dest="router_command", metavar="{status}")
     s = sub.add_parser("status", help="show the fleet of a running router")
-    s.add_argument("--router", default=os.environ.get("STRATA_ROUTER_URL", "http://127.0.0.1:9000"),
+    s.add_argument("--router", default=settings.ROUTER_URL.get(),
                    help="router URL (default: $STRATA_ROUTER_URL or http://127.0.0.1:9000)")
     s.add_argument("--router-key", default=None, help="router key (default: $STRATA_ROUTER_KEY)")
     s.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -129,7 +129,7 @@ def format_status(view: dict) -> str:
 
 
 def _status(args) -> int:
-    key = args.router_key or os.environ.get("STRATA_ROUTER_KEY")
+    key = args.router_key or settings.ROUTER_KEY.get() or None
     try:
         view = fetch_status(args.router, key)
     except urllib.error.HTTPError as e:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from strata import settings
+
 POLICIES = ("round_robin", "least_outstanding", "power_of_two", "cache_aware", "session_affinity",
             "region_aware")
 DEFAULT_REGION = "default"
@@ -359,8 +361,8 @@ def build_config(config_path: str | None = None, replica_flags: list[str] | None
         setattr(cfg, k, v)
     for flag in replica_flags or []:
         cfg.replicas.append(parse_replica_flag(flag, cfg.region))
-    if cfg.router_key is None and os.environ.get("STRATA_ROUTER_KEY"):
-        cfg.router_key = os.environ["STRATA_ROUTER_KEY"]
+    if cfg.router_key is None and settings.ROUTER_KEY.get():
+        cfg.router_key = settings.ROUTER_KEY.get()
     return validate(cfg)
 
 

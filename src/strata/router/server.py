@@ -16,13 +16,13 @@ itself), `health` (probes, sweeps and scrapes) and `admission` (picking and rele
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 
 import aiohttp
 from aiohttp import web
 
+from strata import settings
 from strata.router.admin import AdminMixin
 from strata.router.admission import AdmissionMixin
 from strata.router.config import RouterConfig
@@ -168,7 +168,7 @@ def run_router(cfg: RouterConfig, *, print_banner: bool = True) -> None:
     except (ImportError, ValueError, OSError):  # pragma: no cover
         pass
     loop_name = "asyncio"
-    if os.environ.get("STRATA_ROUTER_LOOP", "auto") != "asyncio":
+    if settings.ROUTER_LOOP.get() != "asyncio":
         try:  # optional: uvloop makes the event loop (and so the router's added latency) cheaper
             import uvloop
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field, fields
+
+from strata import settings
 
 
 @dataclass
@@ -37,9 +38,7 @@ class ServerArgs:
         keys = []
         for k in kw.get("api_key", []) or []:
             keys.extend(x for x in k.split(",") if x)
-        env = os.environ.get("STRATA_API_KEY")
-        if env:
-            keys.extend(x for x in env.split(",") if x)
+        keys.extend(x for x in settings.API_KEY.get().split(",") if x)
         kw["api_key"] = keys
         origins = []
         for o in kw.get("allowed_origins", []) or []:

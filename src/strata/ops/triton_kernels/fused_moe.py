@@ -315,8 +315,8 @@ def _moe_decode_down_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, H, I, E, 
 
 
 def legacy() -> bool:
-    """Always False. The path before the decode work (STRATA_MOE_DECODE=0: sorted GEMM always, alignment and
-    routing in torch ops) is gone; layers/moe.py still asks, until its owner drops the call."""
+    """Always False. The path before the decode work (sorted GEMM always, alignment and routing in torch ops) and
+    its toggle are gone; layers/moe.py still asks, until its owner drops the call."""
     return False
 
 
