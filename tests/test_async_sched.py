@@ -4,7 +4,8 @@ engine's outputs, one step later.
 On the CPU a launch finishes before it returns, but everything else is exercised: pending tokens in the
 scheduler, decode inputs read from the runner's per-slot `last_sampled` on the device, extra tokens of
 requests that stopped, no preemption while a step is in flight, the synchronous fallbacks. The CUDA-graph
-input path runs here through `EagerGraphs`, a stand-in whose "replay" is an eager forward.
+input path runs here through the runner's graph runner started on the CPU, where its "replay" is an eager forward
+over the same static buffers.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from strata.core.request import Request, RequestStatus
 from strata.core.sampling_params import SamplingParams
 from strata.engine.llm import LLM
 from strata.kvcache.manager import KVCacheManager
-from strata.runner.cuda_graphs import DecodeGraphs, SlotBlockTables
 from strata.sched.scheduler import Scheduler
 from tests.test_engine import prompts
 from tests.tiny_models import write_tiny_model
@@ -236,28 +236,8 @@ def test_smollm2_chat_eos_and_stop_strings():
     assert ("stop", None) in reasons and ("stop", "\n\n") in reasons  # an EOS and a stop string
 
 
-class _Replay:
-    def __init__(self, graphs, b):
-        self.graphs, self.b = graphs, b
-
-    def replay(self):
-        self.graphs.logits[self.b] = self.graphs._forward(self.b)
-
-
-class EagerGraphs(DecodeGraphs):
-    """DecodeGraphs on the CPU: the same static buffers and input handling, an eager forward as replay."""
-
-    def capture(self):
-        for b in self.sizes:
-            self.graphs[b] = _Replay(self, b)
-
-
 def _with_graphs(llm):
-    r = llm.engine.runner
-    r.tables = SlotBlockTables(r.max_num_seqs, -(-r.max_model_len // r.block_size), r.device)
-    r.graphs = EagerGraphs(r.model, r.tables, max_num_seqs=r.max_num_seqs, block_size=r.block_size,
-                           max_seq_len=r.max_model_len, device=r.device, last_sampled=r.last_sampled)
-    r.graphs.capture()
+    llm.engine.runner.collective_rpc("start_graphs")
     return llm
 
 

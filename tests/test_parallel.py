@@ -74,7 +74,7 @@ def test_pp2_uneven_partition_matches_pp1(qwen3_3l, reference):
         assert tokens == ref_tokens
         torch.testing.assert_close(logits, ref_logits, **TOL)
         # All-greedy steps: the last stage returns argmax ids only (no logits cross back to the driver).
-        engine.runner.sample_on_last_stage = True
+        engine.runner.collective_rpc("greedy_on_last_stage", True)
         engine.runner.logits_hook = None
         out = {}
         for i, p in enumerate(prompts()):
@@ -87,18 +87,19 @@ def test_pp2_uneven_partition_matches_pp1(qwen3_3l, reference):
         engine.shutdown()
 
 
-def test_pp2_stage_graph_path_matches_pp1(qwen3_3l, monkeypatch):
-    """STRATA_PP_GRAPHS=1: decode micro-batches go through each stage's static buffers (padded to the graph
-    ladder, metadata from the per-slot tables). On CPU that path runs uncaptured; the tokens and logits must
-    still be the single-process engine's. Seven prompts: decode micro-batches of 4 and 3, the 3 padded to 4."""
+def test_pp2_stage_graph_path_matches_pp1(qwen3_3l):
+    """Pipeline stages run decode micro-batches through the one graph runner (on CUDA by construction; here
+    switched on by hand): each stage's static buffers, padded to the graph ladder, metadata from the per-slot
+    tables. On CPU that path runs uncaptured; the tokens and logits must still be the single-process engine's.
+    Seven prompts: decode micro-batches of 4 and 3, the 3 padded to 4."""
     ps7 = prompts(lens=(5, 17, 33, 2, 9, 12, 7))
     ref_tokens, ref_logits = run_greedy(LLMEngine.from_engine_args(engine_args(qwen3_3l, max_num_seqs=8)), ps7)
-    monkeypatch.setenv("STRATA_PP_GRAPHS", "1")  # before the workers are spawned: they inherit it
     engine = LLMEngine.from_engine_args(engine_args(qwen3_3l, pipeline_parallel_size=2, pp_layer_partition="2,1",
                                                     max_num_seqs=8))
     try:
+        engine.runner.collective_rpc("start_graphs")
         tokens, logits = run_greedy(engine, ps7)
-        runs = engine.runner.collective_rpc("stage_graph_runs")
+        runs = engine.runner.collective_rpc("graph_runs")
         assert tokens == ref_tokens
         torch.testing.assert_close(logits, ref_logits, **TOL)
         assert runs[0] > 0 and runs[0] == runs[1], runs  # both stages, every decode micro-batch
@@ -106,11 +107,10 @@ def test_pp2_stage_graph_path_matches_pp1(qwen3_3l, monkeypatch):
         engine.shutdown()
 
 
-@pytest.mark.parametrize("blocks", [64, 5])  # 5 blocks of 16: preemptions while other steps are in flight
-def test_pp2_batch_queue_matches_single(qwen3_3l, monkeypatch, blocks):
-    """STRATA_PP_BATCH_QUEUE=1: two steps in the pipeline at once, over different requests (at most
-    max_num_seqs / PP = 2 sequences each); greedy and seeded sampling, scheduler invariants checked every step.
-    Tokens equal the single-process engine's."""
+@pytest.mark.parametrize("blocks", [64, 5])  # 5 blocks of 16: preemptions
+def test_pp2_preemption_and_seeds_match_single(qwen3_3l, blocks):
+    """PP=2 with greedy and seeded sampling, a small pool (preemptions: requests come back to the runners in
+    full), scheduler invariants checked every step. Tokens equal the single-process engine's."""
     ps7 = prompts(lens=(5, 17, 33, 2, 9, 12, 7))
     params = [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)] * 5 + \
         [SamplingParams(max_tokens=10, temperature=0.9, seed=5, ignore_eos=True)] * 2
@@ -128,11 +128,9 @@ def test_pp2_batch_queue_matches_single(qwen3_3l, monkeypatch, blocks):
     kw = dict(max_num_seqs=4, num_gpu_blocks_override=blocks, check_invariants=True)
     single = LLMEngine.from_engine_args(engine_args(qwen3_3l, **kw))
     want = run(single)
-    monkeypatch.setenv("STRATA_PP_BATCH_QUEUE", "1")
     engine = LLMEngine.from_engine_args(engine_args(qwen3_3l, pipeline_parallel_size=2, **kw))
     try:
         got = run(engine)
-        assert engine.pp_depth == 2 and engine.pp_max_in_flight == 2  # the pipeline held two steps
         if blocks == 5:
             assert engine.scheduler.num_preemptions > 0
     finally:
@@ -177,16 +175,15 @@ def test_tp2_overlapped_steps_match_single(qwen3_3l, reference):
     engine = LLMEngine.from_engine_args(engine_args(qwen3_3l, tensor_parallel_size=2, async_scheduling=True))
     try:
         assert engine.async_scheduling
-        enc = engine.runner.encoder
         seen = {"pending": 0, "steps": 0}
-        orig = enc.encode
+        orig = engine.scheduler.schedule
 
-        def spy(plan, pp, greedy_ids, share_tokens=False):
-            msg, ordered = orig(plan, pp, greedy_ids, share_tokens)
-            seen["pending"] += sum(c.pending for c in msg.chunks)
+        def spy(in_flight=False):
+            plan = orig(in_flight)
+            seen["pending"] += sum(c.input_pending for c in plan.chunks)
             seen["steps"] += 1
-            return msg, ordered
-        enc.encode = spy
+            return plan
+        engine.scheduler.schedule = spy
         tokens, logits = run_greedy(engine, prompts())
         assert tokens == ref_tokens
         torch.testing.assert_close(logits, ref_logits, **TOL)
@@ -282,7 +279,7 @@ def test_killed_worker_fails_requests_and_exits(qwen3_3l):
 def no_model_load(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("a model was loaded before the parallel configuration was checked")
-    monkeypatch.setattr("strata.engine.llm_engine.build_model", fail)
+    monkeypatch.setattr("strata.engine.builder.build_model", fail)
 
 
 @pytest.mark.parametrize("kw,param,text", [

@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Repetition
 
 from strata.core.request import Request
 from strata.core.sampling_params import SamplingParams
-from strata.layers.sampler import Sampler, SamplingBatch, apply_penalties, warp_logits
+from strata.runner.sampler import Sampler, SamplingBatch, apply_penalties, warp_logits
 
 NO_IDS = torch.zeros(1, 0, dtype=torch.long)  # the warpers do not read input_ids
 

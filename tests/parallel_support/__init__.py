@@ -46,21 +46,11 @@ def engine_args(path, **kw):
 
 
 def capture_logits(engine) -> list:
-    """Every logits block the engine samples from, in sampling order (ModelRunner or the parallel executor)."""
+    """Every logits block the engine samples from, in sampling order (one process or a mesh)."""
     seen: list = []
-    runner = engine.runner
-    if hasattr(runner, "logits_hook"):
-        runner.logits_hook = lambda logits: seen.append(logits.detach().clone())
-        runner.sample_on_last_stage = False  # PP: return logits, not argmax ids, so they can be compared
-        return seen
-    model = runner.model
-    orig = model.compute_logits
-
-    def wrapped(h):
-        out = orig(h)
-        seen.append(out.detach().clone())
-        return out
-    model.compute_logits = wrapped
+    executor = engine.runner
+    executor.logits_hook = lambda logits: seen.append(logits.detach().clone())
+    executor.collective_rpc("greedy_on_last_stage", False)  # PP: logits come back, not argmax ids, to compare
     return seen
 
 

@@ -1,13 +1,14 @@
-"""Frozen engine configuration. CLI flags are generated from the same fields (vLLM's names).
+"""Engine arguments and the frozen engine configuration. CLI flags are generated from EngineArgs' fields (vLLM's
+names).
 
-`EngineArgs` holds what a user typed ("auto" allowed); `EngineArgs.resolve(model_config)` turns it into
-a frozen `EngineConfig` once, before anything is built.
+`EngineArgs` holds what a user typed ("auto" allowed). `strata.engine.builder.resolve_config` turns it into a
+frozen `EngineConfig` once the model is loaded and the KV pool is sized (the one place where "auto" is decided);
+the engine and every rank's ModelRunner are built from that config.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -34,7 +35,6 @@ class EngineArgs:
     seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
     enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs"})
     async_scheduling: bool | None = field(default=None, metadata={"help": "schedule step N+1 on the CPU while the GPU runs step N (default: on for GPUs, off on CPU; engines with pipeline stages step synchronously)"})
-    attention_backend: str = field(default="auto", metadata={"help": "auto | torch | triton"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs (or CPU processes) per layer"})
     pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline stages"})
     data_parallel_size: int = field(default=1, metadata={"help": "independent replicas"})
@@ -86,7 +86,7 @@ class EngineArgs:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Resolved, frozen. Built by `strata.engine.llm_engine.build_engine_config`."""
+    """Resolved, frozen. Built by `strata.engine.builder.resolve_config`."""
     model_path: str
     model_format: str  # "hf" | "gguf"
     load_format: str
@@ -104,18 +104,11 @@ class EngineConfig:
     admit_batch: int
     admit_wait_steps: int
     seed: int
-    enforce_eager: bool
-    attention_backend: str
+    enforce_eager: bool  # also on when a layer cannot be captured (all-to-all expert dispatch)
     tensor_parallel_size: int
     pipeline_parallel_size: int
     data_parallel_size: int
     enable_expert_parallel: bool
     check_invariants: bool
     disable_log_stats: bool
-    # None/False: off; True: overlapped steps where the runner supports them (not with PP > 1)
-    async_scheduling: bool | None = None
-
-
-def env_flag(name: str, default: bool = False) -> bool:
-    v = os.environ.get(name)
-    return default if v is None else v.lower() in ("1", "true", "yes", "on")
+    async_scheduling: bool  # overlapped steps (never with pipeline stages)

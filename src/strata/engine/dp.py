@@ -18,23 +18,27 @@ different batch composition).
 from __future__ import annotations
 
 import itertools
+import multiprocessing as mp
 import multiprocessing.connection
 import os
 import socket
 import time
 from typing import Sequence
 
+import torch
+
 from strata.config.engine import EngineArgs
 from strata.core.errors import EngineDeadError, ParameterError, StrataError
 from strata.core.outputs import RequestOutput
 from strata.core.sampling_params import SamplingParams
+from strata.engine.builder import load_tokenizer, pick_device, resolve_source
+from strata.engine.llm_engine import LLMEngine
 
 
 def _replica_main(args: EngineArgs, conn, env: dict, stream: bool = False) -> None:
     """One replica's loop. stream=False (DataParallelLLM): finished outputs only. stream=True
     (DataParallelEngine): every step's outputs and the engine's stats."""
     os.environ.update(env)
-    from strata.engine.llm_engine import LLMEngine
     try:
         engine = LLMEngine.from_engine_args(args)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
@@ -92,7 +96,6 @@ def _visible_gpus() -> list[str]:
     cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
     if cvd is not None:
         return [d.strip() for d in cvd.split(",") if d.strip() and d.strip() != "-1"]
-    import torch
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
@@ -100,8 +103,6 @@ class DataParallelLLM:
     _stream = False  # replicas send finished outputs only
 
     def __init__(self, model: str | None = None, **kwargs):
-        import multiprocessing as mp
-
         args = EngineArgs(model=model, **kwargs)
         n = int(args.data_parallel_size)
         if n < 1:
@@ -111,12 +112,8 @@ class DataParallelLLM:
                                            "one engine per node (or use strata batch / the router)")
         self.size = n
         group = args.tensor_parallel_size * args.pipeline_parallel_size
-        from strata.engine.llm_engine import _pick_device, load_tokenizer
-        from strata.models.loader import resolve_model
-        import json
-        overrides = json.loads(args.hf_overrides) if isinstance(args.hf_overrides, str) else args.hf_overrides
-        self.tokenizer = load_tokenizer(args, resolve_model(args.model, overrides))
-        device = _pick_device(args.device)
+        self.tokenizer = load_tokenizer(args, resolve_source(args)[0])
+        device = pick_device(args.device)
         envs: list[dict] = [{} for _ in range(n)]
         if device.startswith("cuda"):
             gpus = _visible_gpus()

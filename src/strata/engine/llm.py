@@ -9,6 +9,7 @@ from typing import Sequence
 from strata.config.engine import EngineArgs
 from strata.core.outputs import RequestOutput
 from strata.core.sampling_params import SamplingParams
+from strata.engine.dp import DataParallelLLM
 from strata.engine.llm_engine import LLMEngine
 
 Prompt = str | list[int] | dict
@@ -18,7 +19,6 @@ class LLM:
     def __new__(cls, model: str | None = None, **kwargs):
         """data_parallel_size > 1: a DataParallelLLM (N replica processes, the same generate / chat calls)."""
         if int(kwargs.get("data_parallel_size") or 1) > 1:
-            from strata.engine.dp import DataParallelLLM
             return DataParallelLLM(model, **kwargs)
         return super().__new__(cls)
 

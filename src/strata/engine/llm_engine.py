@@ -4,45 +4,33 @@ scheduler + model step and returns the outputs of requests that changed.
 Contract: the engine is single-threaded (the async layer drives it from one thread). Tokenization and
 detokenization happen here, outside the scheduler and runner.
 
-Async scheduling (`config.async_scheduling`, single-process ModelRunner only): a step schedules and launches
-step N+1 while step N still runs on the device, then waits for N and applies it, so each step's outputs come
-one step() later. It steps synchronously (waits for N before scheduling) while a request with a token in
-flight needs its tokens on the host to sample the next one (see `_needs_sync`).
-
-Pipeline batch queue (PP > 1, opt-in with STRATA_PP_BATCH_QUEUE=1): up to PP steps are in the pipeline at
-once, each over different requests (at most max_num_seqs / PP sequences each), so that stage s works on one
-step while stage s-1 works on the next; step() launches steps until PP are in flight, then collects and
-applies the oldest.
+The engine hands each plan to its executor (`engine/executor.py`: one process, or a TP x PP mesh of them) and
+asks it how many steps may be in flight. With two (async scheduling), a step schedules and launches step N+1
+while step N still runs on the device, then waits for N and applies it, so each step's outputs come one step()
+later. It steps synchronously (waits for N before scheduling) while a request with a token in flight needs its
+tokens on the host to sample the next one (see `_needs_sync`).
 """
 from __future__ import annotations
 
 import itertools
-import json
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-import logging
-import os
 import time
 from dataclasses import dataclass
 
-import torch
-
-from strata.config.engine import EngineArgs, EngineConfig, env_flag
+from strata.config.engine import EngineArgs, EngineConfig
 from strata.core.errors import ParameterError, PromptTooLongError
 from strata.core.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from strata.core.request import Request, RequestStatus
 from strata.core.sampling_params import SamplingParams
+from strata.core.plan import StepPlan, StepResult
+from strata.engine.builder import build_inproc
+from strata.engine.executor import Executor
+from strata.engine.launch import needs_executor
+from strata.engine.multiproc import build_multiproc
 from strata.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from strata.kvcache.manager import KVCacheManager
-from strata.models.config import ModelConfig, model_config_from_dict
-from strata.models.loader import ModelSource, load_weights, resolve_model
-from strata.models.registry import model_class
-from strata.runner.memory import plan_memory
-from strata.core.plan import StepPlan, StepResult
-from strata.runner.model_runner import ModelRunner, StepHandle
+from strata.models.config import ModelConfig
+from strata.runner.model_runner import StepHandle
 from strata.sched.scheduler import Scheduler
-
-log = logging.getLogger("strata")
 
 
 @dataclass
@@ -110,12 +98,11 @@ class _Parent:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, tokenizer: Tokenizer,
-                 runner: ModelRunner):
+    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, tokenizer: Tokenizer, executor: Executor):
         self.config = config
         self.model_config = model_cfg
         self.tokenizer = tokenizer
-        self.runner = runner
+        self.runner = executor  # (named as before: benchmarks read runner.step_stats)
         self.model_name = config.served_model_name
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
@@ -127,18 +114,8 @@ class LLMEngine:
         self.parents: dict[str, _Parent] = {}
         self.child_parent: dict[str, _Parent] = {}
         self.holding: set[str] = set()  # parents whose n > 1 siblings are held back (parent.pending)
-        # Only the single-process runner can launch a step and collect it later.
-        self.async_scheduling = bool(config.async_scheduling) and (isinstance(runner, ModelRunner)
-                                                                   or getattr(runner, "supports_async", False))
-        if config.async_scheduling and not self.async_scheduling:
-            log.warning("async scheduling needs one pipeline stage; stepping synchronously")
+        self.async_scheduling = executor.max_steps_in_flight > 1
         self.in_flight: tuple[StepPlan, StepHandle] | None = None
-        # pipeline batch queue: (plan, launched step, its request ids), oldest first
-        self.pp_depth = (runner.spec.pp if getattr(runner, "supports_batch_queue", False)
-                         and env_flag("STRATA_PP_BATCH_QUEUE") else 0)
-        self.pp_queue: deque = deque()
-        self._queued_ids: set[str] = set()
-        self.pp_max_in_flight = 0  # the most steps seen in the pipeline at once (tests, diagnostics)
         self._seed_counter = itertools.count()
         self._aborted_outputs: list[RequestOutput] = []
         self.prompt_tokens_total = 0
@@ -148,15 +125,12 @@ class LLMEngine:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
-        from strata.engine.executor import build_parallel_engine, needs_executor
-        if needs_executor(args):  # TP x PP > 1, several nodes, or a torchrun/srun rank: worker processes
-            return build_parallel_engine(cls, args)
-        config, model_cfg, model, tokenizer = build_engine(args)
-        runner = ModelRunner(model, device=torch.device(config.device), dtype=config.dtype,
-                             block_size=config.block_size, seed=config.seed, max_num_seqs=config.max_num_seqs,
-                             max_model_len=config.max_model_len, enforce_eager=config.enforce_eager)
-        runner.allocate_kv_cache(config.num_blocks)
-        return cls(config, model_cfg, tokenizer, runner)
+        # TP x PP > 1, several nodes, or a torchrun/srun rank: worker processes (other ranks serve and exit there)
+        build = build_multiproc if needs_executor(args) else build_inproc
+        return cls(*build(args))
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
@@ -174,9 +148,6 @@ class LLMEngine:
             cid = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(cid, ids, params, arrival_time=arrival, max_tokens=max_tokens,
                           parent_id=request_id, index=i, cache_salt=cache_salt)
-            seed = params.seed + i if params.seed is not None else None
-            if seed is not None:
-                req.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
             detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
             parent.children.append(_Child(req, detok))
             self.child_parent[cid] = parent
@@ -203,8 +174,7 @@ class LLMEngine:
             self._drop(parent)
 
     def has_unfinished_requests(self) -> bool:
-        return (bool(self.parents) or bool(self._aborted_outputs) or self.in_flight is not None
-                or bool(self.pp_queue))
+        return bool(self.parents) or bool(self._aborted_outputs) or self.in_flight is not None
 
     def get_stats(self) -> EngineStats:
         s = self.scheduler
@@ -215,8 +185,6 @@ class LLMEngine:
     # ---------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
         outputs, self._aborted_outputs = self._aborted_outputs, []
-        if self.pp_depth:
-            return outputs + self._step_queue()
         if self.async_scheduling:
             return outputs + self._step_async()
         plan = self.scheduler.schedule()
@@ -237,25 +205,6 @@ class LLMEngine:
         if prev is not None:
             outputs += self._apply(prev[0], prev[1].result())
         return outputs
-
-    def _step_queue(self) -> list[RequestOutput]:
-        """Fill the pipeline with steps over requests not already in it, then apply the oldest step."""
-        cap = -(-self.config.max_num_seqs // self.pp_depth)
-        while len(self.pp_queue) < self.pp_depth:
-            plan = self.scheduler.schedule(exclude=self._queued_ids, max_seqs=cap)
-            if plan.empty:
-                break
-            ids = {c.request.request_id for c in plan.chunks}
-            self.pp_queue.append((plan, self.runner.launch_pipelined(plan), ids))
-            self._queued_ids |= ids
-            self.pp_max_in_flight = max(self.pp_max_in_flight, len(self.pp_queue))
-            if plan.blocked:  # blocks ran out and every other request is in flight: collect one first
-                break
-        if not self.pp_queue:
-            return []
-        plan, handle, ids = self.pp_queue.popleft()
-        self._queued_ids -= ids
-        return self._apply(plan, handle.result())
 
     def _needs_sync(self) -> bool:
         """Whether the next step must wait for the one in flight: a request whose token is still on the
@@ -385,82 +334,3 @@ class LLMEngine:
         self.holding.discard(parent.request_id)
         for c in parent.children:
             self.child_parent.pop(c.req.request_id, None)
-
-
-# -------------------------------------------------------------------- building
-def _pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ParameterError("device", f"device {name!r} asked for but CUDA is not available")
-    return name
-
-
-def _pick_dtype(name: str, device: str, model_cfg: ModelConfig) -> torch.dtype:
-    table = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16, "half": torch.float16}
-    if name == "auto":
-        return torch.float32 if device == "cpu" else torch.bfloat16
-    if name not in table:
-        raise ParameterError("dtype", f"unknown dtype {name!r} ({', '.join(table)})")
-    return table[name]
-
-
-def build_engine(args: EngineArgs):
-    """Resolve the model, build and load it, then size the KV pool: (config, model config, model, tokenizer)."""
-    overrides = json.loads(args.hf_overrides) if isinstance(args.hf_overrides, str) else args.hf_overrides
-    source: ModelSource = resolve_model(args.model, overrides)
-    model_cfg = model_config_from_dict(source.config)
-    device = _pick_device(args.device)
-    dtype = _pick_dtype(args.dtype, device, model_cfg)
-    if args.num_threads and device == "cpu":
-        torch.set_num_threads(args.num_threads)
-    # The tokenizer (mostly Python: metadata parsing, importing transformers) loads in a thread while the
-    # weights (numpy / torch work that releases the GIL) load here: ~2 s less start-up on 2 cores.
-    with ThreadPoolExecutor(1, thread_name_prefix="strata-tokenizer") as pool:
-        tok_future = pool.submit(load_tokenizer, args, source)
-        model = build_model(device, dtype, args.load_format, model_cfg, source)
-        tokenizer = tok_future.result()
-    mem = plan_memory(args, model_cfg, device, dtype, model)
-    name = args.served_model_name or (os.path.basename(os.path.normpath(source.path)) if args.model else
-                                      "SmolLM2-135M-Instruct")
-    cfg = EngineConfig(
-        model_path=source.path, model_format=source.format, load_format=args.load_format,
-        served_model_name=name, device=device, dtype=dtype, max_model_len=mem.max_model_len,
-        block_size=args.block_size, num_blocks=mem.num_blocks, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=mem.max_num_batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
-        scheduling_policy=args.scheduling_policy, seed=args.seed,
-        admit_batch=args.admit_batch or (1 if device == "cpu" else max(1, args.max_num_seqs // 16)),
-        admit_wait_steps=args.admit_wait_steps, enforce_eager=args.enforce_eager,
-        attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size, data_parallel_size=args.data_parallel_size,
-        enable_expert_parallel=args.enable_expert_parallel, check_invariants=args.check_invariants,
-        disable_log_stats=args.disable_log_stats,
-        # default on for GPUs (H200: greedy outputs equal to synchronous steps, 16/16, and faster figures:
-        # docs/BENCHMARKS.md; TP engines: see executor._engine_config); off on CPU, where the device work is
-        # synchronous anyway. PP engines step synchronously either way.
-        async_scheduling=(args.async_scheduling if args.async_scheduling is not None else device != "cpu"))
-    return cfg, model_cfg, model, tokenizer
-
-
-def load_tokenizer(args: EngineArgs, source: ModelSource) -> Tokenizer:
-    if args.tokenizer:
-        return Tokenizer.from_pretrained(args.tokenizer)
-    if source.format == "gguf":
-        return Tokenizer.from_gguf(source.path)
-    if any(os.path.isfile(os.path.join(source.path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return Tokenizer.from_pretrained(source.path)
-    # A bare config directory (dummy weights): the embedded SmolLM2 tokenizer, whose ids are valid
-    # for any vocabulary of at least 49152 tokens.
-    from strata.models.embedded import default_model_path
-    return Tokenizer.from_gguf(default_model_path())
-
-
-def build_model(device: str, dtype: torch.dtype, load_format: str, model_cfg: ModelConfig,
-                source: ModelSource) -> torch.nn.Module:
-    cls = model_class(model_cfg.architecture)
-    with torch.device(device):
-        model = cls(model_cfg, dtype)
-    load_weights(model, source, load_format)
-    return model.eval()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -181,7 +180,7 @@ def _nbytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
 
 
-# ---- a low-latency all-reduce for small TP messages (opt-in, CUDA) ----
+# ---- a low-latency all-reduce for small TP messages (opt-in: STRATA_TP_ALLREDUCE=symm_mem, CUDA) ----
 class SymmMemAllReduce:
     """One-shot all-reduce through PyTorch symmetric memory: each GPU reads its peers' copies directly over
     NVLink (no NCCL protocol round trips), which pays for the small per-layer messages of decode steps.
@@ -212,10 +211,10 @@ _fast_ar: SymmMemAllReduce | None = None
 
 
 def enable_fast_allreduce(device: torch.device, dtype: torch.dtype) -> bool:
-    """STRATA_TP_ALLREDUCE=symm_mem: use SymmMemAllReduce for the TP group's small all-reduces. Returns
-    whether it is on (any failure leaves NCCL in place, with a warning)."""
+    """Use SymmMemAllReduce for the TP group's small all-reduces (the engine calls this when
+    STRATA_TP_ALLREDUCE=symm_mem). Returns whether it is on (any failure leaves NCCL in place, with a warning)."""
     global _fast_ar
-    if os.environ.get("STRATA_TP_ALLREDUCE", "nccl") != "symm_mem" or tp().size == 1 or device.type != "cuda":
+    if tp().size == 1 or device.type != "cuda":
         return False
     try:
         _fast_ar = SymmMemAllReduce(tp(), device, dtype)

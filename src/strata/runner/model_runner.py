@@ -1,16 +1,23 @@
-"""Model runner: turns a StepPlan into tensors, runs the model over the paged cache, samples.
+"""Model runner: the one runner of every rank and pipeline stage. It applies a StepPlan to its mirror of the
+requests, turns it into tensors, runs its model (all layers, or a pipeline stage's range) over the paged cache,
+and, on the rank that samples (the driver: rank 0), samples.
 
 Per step (see docs/ARCHITECTURE.md):
-  1. order the chunks decode-first (the attention metadata splits the batch in two parts);
-  2. build input ids, positions and slot mapping for every scheduled token;
-  3. forward under the attention forward context (KV written into the cache inside each layer);
-  4. logits only for the last token of each chunk that samples; sample; return in plan order.
+  1. apply the plan's diff to the request mirror (`inputs.Requests`) and to the per-slot block tables;
+  2. order the chunks decode-first (the attention metadata splits the batch in two parts);
+  3. per micro-batch (one, or PP with pipeline stages: contiguous slices of that order):
+       a stage after the first receives the residual stream, a stage before the last sends its own on;
+       a decode-only batch replays a CUDA graph (`cuda_graphs.GraphRunner`), anything else runs eagerly
+       (`inputs.build_inputs`, then the forward under the attention forward context);
+       the last stage computes logits only for the last token of each chunk that samples;
+  4. the driver samples from its logits (one stage) or from the rows the last stage sent back, and returns the
+     tokens in plan order.
 
 `launch(plan)` queues all of that on the device without waiting for it (host inputs go through pinned,
 non-blocking copies) and returns a `StepHandle`; `handle.result()` waits and returns the StepResult.
 `execute(plan)` is `launch(plan).result()`. Sampled ids are also kept per slot on the device
 (`last_sampled`), so that a step launched before the previous one's result is back (async scheduling) reads
-a decode's input token there instead of from the host.
+a decode's input token there instead of from the host; with TP the driver broadcasts them to every TP rank.
 """
 from __future__ import annotations
 
@@ -20,38 +27,47 @@ import torch
 
 from strata import ops
 from strata.attention.backend import AttentionMetadata, forward_context
+from strata.config.engine import EngineConfig
 from strata.core.plan import ScheduledChunk, StepPlan, StepResult
-from strata.layers.sampler import Sampler, SamplingBatch, host_logprobs, to_device
-from strata.runner.cuda_graphs import DecodeGraphs, SlotBlockTables
+from strata.runner.cuda_graphs import GraphRunner, SlotBlockTables
+from strata.runner.inputs import Requests, build_inputs, decode_first, is_pending, to_device
+from strata.runner.pipeline import StageLink, split_microbatches
+from strata.runner.sampler import Sampler, SamplingBatch, host_logprobs
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype,
-                 block_size: int, seed: int = 0, max_num_seqs: int = 256, max_model_len: int = 2048,
-                 enforce_eager: bool = True):
+    def __init__(self, model: torch.nn.Module, config: EngineConfig):
         self.model = model
-        self.device = device
-        self.dtype = dtype
-        self.block_size = block_size
-        self.max_num_seqs = max_num_seqs
-        self.max_model_len = max_model_len
-        self.sampler = Sampler(seed, device)
+        self.device = torch.device(config.device)
+        self.dtype = config.dtype
+        self.block_size = config.block_size
+        self.max_num_seqs = config.max_num_seqs
+        self.max_model_len = config.max_model_len
+        self.link = StageLink(model.cfg.hidden_size, model.cfg.vocab_size, self.dtype, self.device)
+        self.sampler = Sampler(config.seed, self.device) if self.link.is_driver else None
+        self.requests = Requests(self.device if self.link.is_driver else None)
+        # overlapped steps with TP: every TP rank needs the sampled ids in its last_sampled
+        self.share_sampled = bool(config.async_scheduling) and self.link.tp.size > 1
+        self.greedy_on_last_stage = True  # PP, all-greedy steps: the last stage sends argmax ids, not logits
+        self.logits_hook = None  # tests: called with the [rows, vocab] logits the driver samples from
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        # per step kind: [steps, seconds in execute (includes the sampler's sync), tokens]
+        # per step kind: [steps, seconds in launch + result (includes the sampler's sync), tokens]
         self.step_stats: dict[str, list] = {}
-        # CUDA only: persistent per-slot block tables and decode graphs.
+        # CUDA: persistent per-slot block tables and decode graphs
         self.tables: SlotBlockTables | None = None
-        self.graphs: DecodeGraphs | None = None
-        self.use_graphs = device.type == "cuda" and not enforce_eager
-        if device.type == "cuda":
-            self.tables = SlotBlockTables(max_num_seqs, -(-max_model_len // block_size), device)
+        self.graphs: GraphRunner | None = None
+        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        if self.device.type == "cuda":
+            self.tables = self._new_tables()
         # The token each slot sampled last (row max_num_seqs: the dummy slot of graph padding rows).
-        self.last_sampled = torch.zeros(max_num_seqs + 1, dtype=torch.int64, device=device)
+        self.last_sampled = torch.zeros(self.max_num_seqs + 1, dtype=torch.int64, device=self.device)
+
+    def _new_tables(self) -> SlotBlockTables:
+        return SlotBlockTables(self.max_num_seqs, -(-self.max_model_len // self.block_size), self.device)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        layers = self.model.attention_layers
         self.kv_caches = []
-        for attn in layers:
+        for attn in self.model.attention_layers:
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
             k = torch.zeros(shape, dtype=self.dtype, device=self.device)
             v = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -60,13 +76,20 @@ class ModelRunner:
         if self.device.type == "cuda":
             self.warmup()
         if self.use_graphs:
-            self.graphs = DecodeGraphs(self.model, self.tables, max_num_seqs=self.max_num_seqs,
-                                       block_size=self.block_size, max_seq_len=self.max_model_len,
-                                       device=self.device, last_sampled=self.last_sampled)
-            self.graphs.capture()
+            self.start_graphs()
+
+    def start_graphs(self) -> None:
+        """Capture the decode graphs (on CUDA; elsewhere the same static-buffer path runs uncaptured, which the
+        tests switch on to check it)."""
+        if self.tables is None:
+            self.tables = self._new_tables()
+        self.graphs = GraphRunner(self.model, self.tables, max_num_seqs=self.max_num_seqs,
+                                  block_size=self.block_size, max_seq_len=self.max_model_len, device=self.device,
+                                  dtype=self.dtype, last_sampled=self.last_sampled)
+        self.graphs.capture()
 
     def release_graphs(self) -> None:
-        """Destroy the decode CUDA graphs (before tearing down NCCL groups; see DecodeGraphs.release)."""
+        """Destroy the decode CUDA graphs (before tearing down NCCL groups; see GraphRunner.release)."""
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
@@ -81,7 +104,7 @@ class ModelRunner:
         if layers:
             a = layers[0]
             ops.check_fused_qkv_epilogue(dev, self.dtype, a.num_heads, a.num_kv_heads, a.head_dim,
-                                         bool(getattr(getattr(self.model, "cfg", None), "qk_norm", False)))
+                                         bool(self.model.cfg.qk_norm))
         long_len = min(2048, self.max_model_len)
         width = -(-long_len // self.block_size)
         b = 1
@@ -99,65 +122,14 @@ class ModelRunner:
                         prefill_seq_lens=torch.ones(b, dtype=torch.int32, device=dev))
                     ids = torch.zeros(T, dtype=torch.int64, device=dev)
                     # a pipeline stage other than the first takes the residual stream; only the last has a head
-                    inter = None if getattr(self.model, "is_first", True) else (
+                    inter = None if self.link.is_first else (
                         torch.zeros(T, self.model.cfg.hidden_size, dtype=self.dtype, device=dev), None)
                     with forward_context(meta):
                         hidden = self.model(ids, torch.zeros_like(ids), inter)
-                    if getattr(self.model, "is_last", True):
+                    if self.link.is_last:
                         self.model.compute_logits(hidden[:1])
             b *= 2
         torch.cuda.synchronize()
-
-    # ---- input preparation ----
-    def _prepare(self, chunks: list[ScheduledChunk]):
-        """Token ids, positions and slot mapping of every scheduled token, and (index, slot) of the ids
-        still pending on the device (left 0 here)."""
-        bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        pending: list[tuple[int, int]] = []
-        for c in chunks:
-            r = c.request
-            end = c.start + c.num_tokens
-            if c.input_pending:
-                assert c.num_tokens == 1, f"{r}: a chunk of {c.num_tokens} tokens starts at a pending token"
-                pending.append((len(ids), r.slot))
-                ids.append(0)
-            else:
-                ids.extend(r.tokens(c.start, end))
-            rng = range(c.start, end)
-            pos.extend(rng)
-            bt = r.block_ids
-            slots.extend(bt[p // bs] * bs + p % bs for p in rng)
-        return ids, pos, slots, pending
-
-    def _block_table(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        width = max(len(c.request.block_ids) for c in chunks)
-        rows = [c.request.block_ids + [0] * (width - len(c.request.block_ids)) for c in chunks]
-        return to_device(rows, torch.int32, self.device)
-
-    def build_metadata(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk],
-                       slots: list[int]) -> AttentionMetadata:
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=to_device(slots, torch.int64, dev),
-            num_decode_tokens=len(decodes),
-            decode_block_tables=None, decode_seq_lens=None, decode_max_seq_len=0,
-            prefill_block_tables=None, prefill_query_start_loc=None, prefill_seq_lens=None)
-        if decodes:
-            lens = [c.start + 1 for c in decodes]
-            meta.decode_block_tables = self._block_table(decodes)
-            meta.decode_seq_lens = to_device(lens, torch.int32, dev)
-            meta.decode_max_seq_len = max(lens)
-        if prefills:
-            qsl = [0]
-            for c in prefills:
-                qsl.append(qsl[-1] + c.num_tokens)
-            meta.prefill_block_tables = self._block_table(prefills)
-            meta.prefill_query_start_loc = to_device(qsl, torch.int32, dev)
-            meta.prefill_seq_lens = to_device([c.start + c.num_tokens for c in prefills], torch.int32, dev)
-        return meta
 
     # ---- the step ----
     def execute(self, plan: StepPlan) -> StepResult:
@@ -166,65 +138,117 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> "StepHandle":
         """Queue the step on the device; nothing here waits for the device (on CUDA, with the Triton
-        kernels, and unless a request needs penalties or min_tokens masking)."""
+        kernels, one pipeline stage, and unless a request needs penalties or min_tokens masking)."""
         t0 = time.perf_counter()
+        self.requests.apply(plan)
         if self.tables is not None:
-            self.tables.sync(plan)
-        decodes = [c for c in plan.chunks if c.num_tokens == 1 and c.start > 0]
-        prefills = [c for c in plan.chunks if not (c.num_tokens == 1 and c.start > 0)]
-        if not prefills and self.graphs is not None and self.graphs.fits(len(decodes)):
-            kind, sample_chunks, logits = "decode_graph", plan.chunks, self._forward_graph(plan.chunks)
-        else:
-            kind = "decode_eager" if not prefills else ("mixed" if decodes else "prefill")
-            sample_chunks, logits = self._forward_eager(decodes, prefills)
-        tokens = lps = batch = None
-        if sample_chunks:
-            batch = SamplingBatch([c.request for c in sample_chunks])
-            tokens, lps = self.sampler.sample(logits, batch)
-            slots = to_device([c.request.slot for c in sample_chunks], torch.int64, self.device)
-            self.last_sampled.index_copy_(0, slots, tokens)
+            self.tables.sync(plan, self.requests)
+        chunks = decode_first(plan.chunks)
+        sample_chunks = [c for c in chunks if c.sample]
+        batch = SamplingBatch([self.requests[c.request_id] for c in sample_chunks]) if sample_chunks else None
+        greedy_ids = (batch is not None and self.link.pp_size > 1 and self.greedy_on_last_stage
+                      and batch.all_greedy and not batch.any_penalty and not batch.any_min_tokens
+                      and batch.max_logprobs is None)
+        parts, graphed = self._run_stage(chunks, greedy_ids)
+        tokens = lps = None
+        if sample_chunks and self.link.is_driver:
+            if greedy_ids:
+                tokens = torch.cat(parts)
+            else:
+                logits = torch.cat(parts)  # [rows, vocab], rows in sampling order
+                if self.logits_hook is not None:
+                    self.logits_hook(logits)
+                tokens, lps = self.sampler.sample(logits, batch)
+        if sample_chunks and self.link.pp_size == 1:
+            if self.share_sampled:
+                tokens_here = self.link.share_sampled(tokens, len(sample_chunks))
+            else:
+                tokens_here = tokens
+            if tokens_here is not None:
+                slots = to_device([self.requests[c.request_id].slot for c in sample_chunks], torch.int64,
+                                  self.device)
+                self.last_sampled.index_copy_(0, slots, tokens_here)
+        decodes = sum(c.is_decode for c in chunks)
+        kind = ("decode_graph" if graphed else "decode_eager" if decodes == len(chunks)
+                else "mixed" if decodes else "prefill")
         st = self.step_stats.setdefault(kind, [0, 0.0, 0])
         st[0] += 1
         st[1] += time.perf_counter() - t0
         st[2] += plan.num_batched_tokens
         return StepHandle(plan, sample_chunks, batch, tokens, lps, st)
 
-    def _forward_eager(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk]):
-        """Forward a mixed step. Returns (the sampling chunks in computed order, their logits [B, V])."""
-        dev = self.device
-        ordered = decodes + prefills
-        ids, pos, slots, pending = self._prepare(ordered)
-        meta = self.build_metadata(decodes, prefills, slots)
-        input_ids = to_device(ids, torch.int64, dev)
-        if pending:  # decode inputs sampled by the step before, not yet on the host
-            at = to_device([i for i, _ in pending], torch.int64, dev)
-            src = to_device([s for _, s in pending], torch.int64, dev)
-            input_ids.index_copy_(0, at, self.last_sampled.index_select(0, src))
-        positions = to_device(pos, torch.int64, dev)
-        with forward_context(meta):
-            hidden = self.model(input_ids, positions)  # [T, hidden]
-        last, sample_chunks, off = [], [], 0  # last token of each sampling chunk
-        for c in ordered:
-            off += c.num_tokens
-            if c.sample:
-                last.append(off - 1)
-                sample_chunks.append(c)
-        if not sample_chunks:
-            return [], None
-        return sample_chunks, self.model.compute_logits(hidden[to_device(last, torch.int64, dev)])
+    def _run_stage(self, chunks: list[ScheduledChunk], greedy_ids: bool) -> tuple[list[torch.Tensor], bool]:
+        """This rank's share of the step, micro-batch by micro-batch. Returns, on the driver, the sampled rows
+        of every micro-batch in order (logits [n, V], or argmax ids [n] when `greedy_ids`), and whether every
+        micro-batch replayed a graph. Sends are asynchronous, so stage s works on micro-batch i + 1 while stage
+        s + 1 works on micro-batch i."""
+        link = self.link
+        mbs = split_microbatches(chunks, link.pp_size)
+        sends, out, replies, graphed = [], [], [], True
+        for i, (a, b) in enumerate(mbs):
+            part = chunks[a:b]
+            inter = None if link.is_first else link.recv_hidden(sum(c.num_tokens for c in part), i)
+            y, g = self._forward(part, inter)
+            graphed = graphed and g
+            if not link.is_last:
+                sends.append(link.send_hidden(y, i))
+            elif y is None:
+                continue
+            elif link.pp_size == 1:
+                out.append(y)
+            elif link.returns_rows:
+                replies.append((y.argmax(dim=-1) if greedy_ids else y, i))
+        # Replies go after every micro-batch's receive has been posted: with PP = 2 they share the driver's
+        # NCCL pair with the activations, and NCCL runs one pair's operations in order, so a reply posted between
+        # two receives could wait on a send the driver queued behind its own receive of that reply.
+        for rows, i in replies:
+            sends.append(link.send_rows(rows, i))
+        if link.is_driver and link.pp_size > 1:
+            for i, (a, b) in enumerate(mbs):
+                n = sum(c.sample for c in chunks[a:b])
+                if n:
+                    out.append(link.recv_rows(n, greedy_ids, i))
+        for w, _ in sends:  # the tensors stay referenced until their sends complete
+            w.wait()
+        return out, graphed
 
-    def _forward_graph(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """A decode-only step (every chunk samples) as a CUDA graph replay. Returns logits [B, V]."""
-        pending = [c.input_pending for c in chunks]
-        ids = [0 if p else c.request.token_at(c.start) for c, p in zip(chunks, pending)]
-        pos = [c.start for c in chunks]
-        slots = [c.request.slot for c in chunks]
-        return self.graphs.run(ids, pos, slots, pending if any(pending) else None)
+    def _forward(self, part: list[ScheduledChunk], inter: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+        """One micro-batch through this rank's layers. Returns (output, replayed a graph): the output is the
+        residual stream for the next stage [T, hidden], or on the last stage the logits of the rows that sample
+        [n, V] (None when none does)."""
+        if self.graphs is not None and all(c.is_decode for c in part) and self.graphs.fits(len(part)):
+            return self._forward_graph(part, inter), True
+        x = build_inputs(part, self.requests, self.block_size, self.device)
+        if x.pending:  # decode inputs sampled by the step before, not yet on the host
+            at = to_device([i for i, _ in x.pending], torch.int64, self.device)
+            src = to_device([s for _, s in x.pending], torch.int64, self.device)
+            x.input_ids.index_copy_(0, at, self.last_sampled.index_select(0, src))
+        with forward_context(x.meta):
+            y = self.model(x.input_ids, x.positions, None if inter is None else (inter, None))
+        if not self.link.is_last:
+            hidden, residual = y
+            return hidden + residual, False
+        if not x.sample_rows:
+            return None, False
+        return self.model.compute_logits(y[to_device(x.sample_rows, torch.int64, self.device)]), False
+
+    def _forward_graph(self, part: list[ScheduledChunk], inter: torch.Tensor | None) -> torch.Tensor | None:
+        """A decode-only micro-batch as a graph replay."""
+        reqs = [self.requests[c.request_id] for c in part]
+        pending = [is_pending(c, r) for c, r in zip(part, reqs)]
+        ids = [0 if p else r.token_ids[c.start] for c, r, p in zip(part, reqs, pending)]
+        y = self.graphs.run(ids, [c.start for c in part], [r.slot for r in reqs],
+                            pending if any(pending) else None, inter)
+        if not self.link.is_last or all(c.sample for c in part):
+            return y
+        rows = [i for i, c in enumerate(part) if c.sample]
+        return y[to_device(rows, torch.int64, self.device)] if rows else None
 
 
 class StepHandle:
     """A launched step. Its sampled ids (and logprobs) are copied to pinned host memory behind the step,
-    with an event recorded after the copy; `result()` waits for that event only."""
+    with an event recorded after the copy; `result()` waits for that event only. A rank that does not sample
+    holds no tokens and its result is empty."""
 
     def __init__(self, plan: StepPlan, sample_chunks: list[ScheduledChunk], batch: SamplingBatch | None,
                  tokens: torch.Tensor | None, lps: tuple | None, stats: list):

@@ -12,18 +12,16 @@ its last (max_tokens, max_model_len) is not scheduled. Nothing is preempted whil
 blocks run out, scheduling stops and the plan is marked `blocked`; the engine then finishes the step in
 flight and schedules synchronously, where preemption is allowed.
 
-Pipeline batch queue (`schedule(exclude=..., max_seqs=...)`, PP > 1): up to PP steps are in flight at once,
-each over different requests, so that every stage has work. The requests of the steps in flight are
-`exclude`d: not scheduled, never preempted (when blocks run out and every other running request is in
-flight, the plan is marked `blocked` and the engine waits for the oldest step). `max_seqs` caps a step's
-sequences (max_num_seqs / PP) so that the running requests split into PP groups.
+The plan is a diff for the runners (`core/plan.py`): a request admitted (or resumed after a preemption) goes
+out in full as a `NewRequest`; afterwards each chunk carries the tokens and blocks the runners were not sent
+yet (`_sent` counts them per request), and the ids of requests that ended go out with the next plan.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
 
-from strata.core.plan import ScheduledChunk, StepPlan, StepResult
+from strata.core.plan import NewRequest, ScheduledChunk, StepPlan, StepResult
 from strata.core.request import Request, RequestStatus
 from strata.kvcache.manager import KVCacheManager
 
@@ -44,7 +42,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.free_slots = list(range(max_num_seqs - 1, -1, -1))
-        self._freed_slots: list[int] = []
+        self._sent: dict[str, list[int]] = {}  # running request -> [tokens, blocks] the runners hold
+        self._finished: list[str] = []  # ended since the last plan
         self.num_preemptions = 0
         # Admission batching: while requests decode, hold new ones until `admit_batch` slots are free or
         # one has waited `admit_wait_steps` steps. Mixed prefill+decode steps cost far more than decode
@@ -65,8 +64,8 @@ class Scheduler:
     def _release_slot(self, req: Request) -> None:
         if req.slot is not None:
             self.free_slots.append(req.slot)
-            self._freed_slots.append(req.slot)
             req.slot = None
+        self._sent.pop(req.request_id, None)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """End a request (stop, length, abort, error): its blocks are freed at once."""
@@ -83,6 +82,7 @@ class Scheduler:
         self.kv.free(req)
         self._release_slot(req)
         self.requests.pop(req.request_id, None)
+        self._finished.append(req.request_id)
 
     def _preempt(self, req: Request) -> None:
         assert req.num_pending == 0, f"{req} preempted with a step in flight"
@@ -95,14 +95,11 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _victim(self, exclude=frozenset()) -> Request | None:
-        """The request to preempt: the lowest priority (fcfs: the latest) of those not in a step in flight."""
-        cands = [r for r in self.running if r.request_id not in exclude] if exclude else self.running
-        if not cands:
-            return None
+    def _victim(self) -> Request:
+        """The request to preempt: the lowest priority (fcfs: the latest)."""
         if self.policy == "priority":
-            return max(cands, key=lambda r: (r.priority, r.arrival_time))
-        return cands[-1]
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
 
     def _next_waiting(self) -> Request:
         if self.policy == "priority":
@@ -118,24 +115,27 @@ class Scheduler:
     def _add_chunk(self, plan: StepPlan, req: Request, n: int) -> None:
         start = req.num_computed_tokens
         sample = start + n == req.num_tokens + req.num_pending
-        plan.chunks.append(ScheduledChunk(req, start, n, sample))
+        sent = self._sent.get(req.request_id)
+        if sent is None:  # admitted or resumed: the runners get all of it
+            plan.new_requests.append(NewRequest.of(req))
+            toks, blocks = None, None
+        else:
+            toks, blocks = req.tokens(sent[0], req.num_tokens), req.block_ids[sent[1]:]
+        self._sent[req.request_id] = [req.num_tokens, len(req.block_ids)]
+        plan.chunks.append(ScheduledChunk(req.request_id, start, n, sample, toks, blocks, req))
         req.num_computed_tokens += n
         req.num_pending += sample
 
-    def schedule(self, in_flight: bool = False, exclude=frozenset(), max_seqs: int | None = None) -> StepPlan:
-        """The next step's plan. `in_flight`: the previous step is still running (async scheduling).
-        `exclude`: ids of requests in steps in flight (pipeline batch queue); `max_seqs`: at most this many
-        sequences in the plan."""
-        plan = StepPlan(freed_slots=self._freed_slots)
-        self._freed_slots = []
+    def schedule(self, in_flight: bool = False) -> StepPlan:
+        """The next step's plan. `in_flight`: the previous step is still running (async scheduling)."""
+        plan = StepPlan()
         budget = self.max_num_batched_tokens
         preempted_now = False
-        cap = self.max_num_seqs if max_seqs is None else max_seqs
 
         for req in list(self.running):
-            if budget <= 0 or len(plan.chunks) >= cap:
+            if budget <= 0:
                 break
-            if req.status != RequestStatus.RUNNING or req.request_id in exclude:  # preempted / in flight
+            if req.status != RequestStatus.RUNNING:  # preempted this step
                 continue
             n = req.num_tokens + req.num_pending - req.num_computed_tokens
             if n > budget and not self.chunked:
@@ -150,10 +150,7 @@ class Scheduler:
                 if in_flight:
                     plan.blocked = True
                     break
-                victim = self._victim(exclude)
-                if victim is None:  # every other running request is in a step in flight
-                    plan.blocked = True
-                    break
+                victim = self._victim()
                 for j, c in enumerate(plan.chunks):  # (priority policy) victim already scheduled
                     if c.request is victim:
                         budget += c.num_tokens
@@ -177,11 +174,10 @@ class Scheduler:
             free = self.max_num_seqs - len(self.running)
             if free < min(self.admit_batch, len(self.waiting)) and self._held_steps < self.admit_wait_steps:
                 self._held_steps += 1
-                plan.num_batched_tokens = self.max_num_batched_tokens - budget
-                return plan
+                return self._close(plan, budget)
         self._held_steps = 0
         while (self.waiting and budget > 0 and not preempted_now and not plan.blocked
-               and len(self.running) < self.max_num_seqs and len(plan.chunks) < cap):
+               and len(self.running) < self.max_num_seqs):
             req = self._next_waiting()
             blocks, n_cached = self.kv.get_computed_blocks(req)
             n = req.num_tokens - n_cached
@@ -197,12 +193,15 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = n_cached
             req.slot = self.free_slots.pop()
-            plan.new_slots.append(req.slot)
             self.running.append(req)
             self._add_chunk(plan, req, n)
             budget -= n
+        return self._close(plan, budget)
 
+    def _close(self, plan: StepPlan, budget: int) -> StepPlan:
         plan.num_batched_tokens = self.max_num_batched_tokens - budget
+        if plan.chunks:  # an empty plan is not run: the ids of finished requests wait for the next one
+            plan.finished_ids, self._finished = self._finished, []
         return plan
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:

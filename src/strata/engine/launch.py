@@ -1,6 +1,7 @@
 """Where each rank of one model replica runs, and the checks that happen before any model is loaded.
 
 One replica is a TP x PP mesh of `world_size` ranks (DP replicas are separate engines: `strata.engine.dp`).
+The executor that runs on those ranks is `strata.engine.multiproc`.
 Rank r holds pipeline stage r // TP and TP rank r % TP (TP innermost, so TP stays inside a node).
 
 Launchers:

@@ -8,6 +8,9 @@ Sampling is the exponential-race form of categorical sampling: argmax(p / E), E 
 `Sampler.sample` keeps the token ids on the device and, without penalties or min_tokens masking, never
 waits for the device: per-row parameters travel through pinned, non-blocking copies (`to_device`). That is
 what lets the engine schedule the next step while this one runs (async scheduling).
+
+A row is anything with a request's sampling view: `params`, `generator`, `all_token_ids`, `output_token_ids`,
+`num_output_tokens` (the runner's `RunnerRequest`; tests pass `core.request.Request`).
 """
 from __future__ import annotations
 
@@ -15,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from strata.core.request import Request
+from strata.runner.inputs import to_device
 
 
 @dataclass
 class SamplingBatch:
-    requests: list[Request]  # one per logits row
+    requests: list  # one per logits row
 
     def __post_init__(self):
         ps = [r.params for r in self.requests]
@@ -30,15 +33,7 @@ class SamplingBatch:
         self.max_logprobs = max((p.logprobs for p in ps if p.logprobs is not None), default=None)
 
 
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor without waiting for the device: on CUDA through pinned memory and a
-    non-blocking copy (a plain torch.tensor(..., device="cuda") synchronizes the stream)."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-
-
-def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, reqs: list) -> torch.Tensor:
     """Repetition penalty over prompt + output tokens (vLLM, transformers); presence and frequency
     penalties over output tokens only (OpenAI, vLLM). Edits `logits` [B, V] in place and returns it."""
     V = logits.shape[1]
@@ -56,7 +51,7 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     return logits
 
 
-def warp_logits(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+def warp_logits(logits: torch.Tensor, reqs: list) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p (transformers' warper order): the logits [B, V] a row
     samples from, the tokens it may not draw at -inf. Greedy rows keep temperature 1."""
     V = logits.shape[1]
@@ -137,7 +132,7 @@ class Sampler:
         top_v, top_i = raw_logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
         return tokens, (chosen, top_v, top_i)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, reqs: list) -> torch.Tensor:
         B, V = logits.shape
         dev = logits.device
         greedy_rows = to_device([r.params.greedy for r in reqs], torch.bool, dev)
