@@ -86,10 +86,6 @@ HANG_DUMP_S = _declare(
     "STRATA_HANG_DUMP_S", float, 0.0,
     "diagnostics: a rank whose startup or step takes longer than this many seconds prints its threads' stacks "
     "(0: off)")
-PP_GRAPHS = _declare(
-    "STRATA_PP_GRAPHS", bool, False, "pipeline parallel: run decode micro-batches as CUDA graph replays per stage")
-PP_BATCH_QUEUE = _declare(
-    "STRATA_PP_BATCH_QUEUE", bool, False, "pipeline parallel: keep up to PP steps in the pipeline at once")
 TP_ALLREDUCE = _declare(
     "STRATA_TP_ALLREDUCE", str, "nccl",
     "all-reduce of the tensor-parallel group's small tensors: nccl or symm_mem (one-shot, symmetric memory)",
