@@ -171,5 +171,5 @@ def check_fused_qkv_epilogue(device: torch.device, dtype: torch.dtype, num_heads
 
 
 # Linear layers: cuBLAS through F.linear. (A Triton skinny GEMM for decode rows was tried and measured no faster
-# on an H200, docs/BENCHMARKS.md; it is gone.) layers/linear.py still calls this name.
+# on an H200, benchmarks/results/LOG.md; it is gone.) layers/linear.py still calls this name.
 linear = torch.nn.functional.linear
