@@ -2,8 +2,8 @@
 
 Worker i of this process gets RANK = outer_rank * N + i and WORLD_SIZE = outer_world * N (the outer rank
 comes from Slurm/torchrun when there is one), its own GPUs through CUDA_VISIBLE_DEVICES (a block of
-`tensor_parallel_size x pipeline_parallel_size` devices; on CPU a share of the cores), and writes its own
-rank file. When this process owns the output (outer world size 1) it first merges rank files left by an
+`tensor_parallel_size x pipeline_parallel_size` devices; on CPU a share of the cores: `strata.engine.placement`,
+the rule DataParallelLLM uses too), and writes its own rank file. When this process owns the output (outer world size 1) it first merges rank files left by an
 earlier run, and merges the workers' files into the output at the end; under Slurm the job script merges.
 A worker that dies does not stop the others; rerunning resumes only what is missing.
 """
@@ -22,19 +22,9 @@ from strata.batch.lock import LockSet
 from strata.batch.output import merge_outputs, scan_output
 from strata.batch.progress import Progress
 from strata.batch.sharding import find_rank_files, rank_output_path
+from strata.engine.placement import place_replicas
 
 log = logging.getLogger("strata.batch")
-
-
-def visible_gpus() -> list[str]:
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if cvd is not None:
-        return [d.strip() for d in cvd.split(",") if d.strip() and d.strip() != "-1"]
-    try:
-        import torch
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:  # noqa: BLE001 - no torch or no driver: no GPUs
-        return []
 
 
 class _Tail:
@@ -92,16 +82,7 @@ def _launch(args: argparse.Namespace, outer_rank: int, outer_world: int, owns_ou
     n = args.data_parallel_size
     group = max(1, args.tensor_parallel_size) * max(1, args.pipeline_parallel_size)
     world = outer_world * n
-    device = args.device
-    gpus = [] if device == "cpu" else visible_gpus()
-    if device in ("cuda", "auto") and gpus:
-        if len(gpus) < n * group:
-            raise ValueError(f"--data-parallel-size {n} x {group} GPUs per replica needs {n * group} GPUs; "
-                             f"{len(gpus)} visible ({','.join(gpus)})")
-    elif device == "cuda":
-        raise ValueError("--device cuda but no GPU is visible")
-    else:
-        gpus = []
+    place = place_replicas(n, group, args.device, args.num_threads)
 
     if owns_output:
         leftovers = find_rank_files(args.output)
@@ -123,8 +104,8 @@ def _launch(args: argparse.Namespace, outer_rank: int, outer_world: int, owns_ou
     child.pop("func", None)
     child.update(data_parallel_size=1, progress="log", rank=None, world_size=None,
                  log_interval=max(args.log_interval, 60.0))
-    if not gpus and args.num_threads is None:
-        child["num_threads"] = max(1, (os.cpu_count() or 1) // n)
+    if not place.on_gpu:
+        child["num_threads"] = place.num_threads
     if args.overwrite and owns_output:
         child["overwrite"] = False  # the parent removed everything already; workers must not truncate rank files twice
 
@@ -137,8 +118,7 @@ def _launch(args: argparse.Namespace, outer_rank: int, outer_world: int, owns_ou
         env = dict(os.environ)
         env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(i), LOCAL_WORLD_SIZE=str(n),
                    STRATA_BATCH_DP_CHILD="1", STRATA_BATCH_ARGS=json.dumps(child))
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i * group:(i + 1) * group])
+        env.update(place.env(i))
         path = rank_output_path(args.output, r, world)
         paths.append(path)
         if os.path.exists(path):
@@ -148,7 +128,7 @@ def _launch(args: argparse.Namespace, outer_rank: int, outer_world: int, owns_ou
             [sys.executable, "-c", "import sys; from strata.batch.dp import child_main; sys.exit(child_main())"],
             env=env))
     log.info("batch: %d data-parallel workers (ranks %d..%d of %d)%s", n, outer_rank * n, outer_rank * n + n - 1,
-             world, f" on GPUs {','.join(gpus[:n * group])}" if gpus else " on CPU")
+             world, f" on GPUs {','.join(g for b in place.gpus for g in b)}" if place.on_gpu else " on CPU")
 
     stopping = {"sig": None}
 

@@ -5,8 +5,8 @@
     llm.shutdown()
 
 Each replica is a process with its own LLMEngine (its own scheduler and KV cache; TP x PP > 1 replicas start
-their own workers), its own block of GPUs (CUDA_VISIBLE_DEVICES) or share of the CPU cores, and its own
-rendezvous port. The parent tokenizes nothing but the load estimate: a request goes to the replica with the
+their own workers), its own block of GPUs (CUDA_VISIBLE_DEVICES) or share of the CPU cores (`placement.py`, the
+rule `strata batch --data-parallel-size` uses too), and its own rendezvous port. The parent tokenizes nothing but the load estimate: a request goes to the replica with the
 fewest outstanding tokens (prompt + max_tokens of its unfinished requests), ties to the lowest index, so a
 batch of prompts is spread evenly by work, not by count; each replica gets its share of a call in one message
 (so that its first step sees all of it, as one engine would). Replicas send back finished outputs only.
@@ -25,14 +25,13 @@ import socket
 import time
 from typing import Sequence
 
-import torch
-
 from strata.config.engine import EngineArgs
 from strata.core.errors import EngineDeadError, ParameterError, StrataError
 from strata.core.outputs import RequestOutput
 from strata.core.sampling_params import SamplingParams
 from strata.engine.builder import load_tokenizer, pick_device, resolve_source
 from strata.engine.llm_engine import LLMEngine
+from strata.engine.placement import place_replicas
 
 
 def _replica_main(args: EngineArgs, conn, env: dict, stream: bool = False) -> None:
@@ -92,13 +91,6 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _visible_gpus() -> list[str]:
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if cvd is not None:
-        return [d.strip() for d in cvd.split(",") if d.strip() and d.strip() != "-1"]
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
 class DataParallelLLM:
     _stream = False  # replicas send finished outputs only
 
@@ -113,18 +105,8 @@ class DataParallelLLM:
         self.size = n
         group = args.tensor_parallel_size * args.pipeline_parallel_size
         self.tokenizer = load_tokenizer(args, resolve_source(args)[0])
-        device = pick_device(args.device)
-        envs: list[dict] = [{} for _ in range(n)]
-        if device.startswith("cuda"):
-            gpus = _visible_gpus()
-            if len(gpus) < n * group:
-                raise ParameterError("data_parallel_size", f"{n} replicas x {group} GPUs need {n * group} GPUs; "
-                                                           f"{len(gpus)} visible")
-            for i in range(n):
-                envs[i]["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i * group:(i + 1) * group])
-            per = {"device": "cuda"}
-        else:
-            per = {"device": "cpu", "num_threads": args.num_threads or max(1, (os.cpu_count() or 1) // n)}
+        place = place_replicas(n, group, pick_device(args.device), args.num_threads)
+        per = {"device": "cuda"} if place.on_gpu else {"device": "cpu", "num_threads": place.num_threads}
         ports = [args.master_port + i for i in range(n)] if args.master_port else _free_ports(n) if group > 1 \
             else [None] * n
         ctx = mp.get_context("spawn")
@@ -133,7 +115,7 @@ class DataParallelLLM:
             for i in range(n):
                 a = args.replace(data_parallel_size=1, master_port=ports[i], seed=args.seed, **per)
                 parent, child = ctx.Pipe()
-                p = ctx.Process(target=_replica_main, args=(a, child, envs[i], self._stream), name=f"strata-dp{i}")
+                p = ctx.Process(target=_replica_main, args=(a, child, place.env(i), self._stream), name=f"strata-dp{i}")
                 p.start()
                 child.close()
                 self._conns.append(parent)

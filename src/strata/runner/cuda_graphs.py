@@ -114,8 +114,8 @@ class GraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        self.ready = True
         if not self.capture_graphs:
+            self.ready = True
             return
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
@@ -129,6 +129,7 @@ class GraphRunner:
                 self.graphs[b] = g
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
+        self.ready = True
 
     def release(self) -> None:
         """Destroy the captured graphs. A graph that captured NCCL collectives holds a reference on the

@@ -152,10 +152,11 @@ class ModelRunner:
         parts, graphed = self._run_stage(chunks, greedy_ids)
         tokens = lps = None
         if sample_chunks and self.link.is_driver:
+            rows = parts[0] if len(parts) == 1 else torch.cat(parts)  # in sampling order
             if greedy_ids:
-                tokens = torch.cat(parts)
+                tokens = rows
             else:
-                logits = torch.cat(parts)  # [rows, vocab], rows in sampling order
+                logits = rows  # [rows, vocab]
                 if self.logits_hook is not None:
                     self.logits_hook(logits)
                 tokens, lps = self.sampler.sample(logits, batch)
