@@ -14,7 +14,10 @@ ranks leaves it out, and runners never read it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from typing import NamedTuple
 
 from strata.core.request import Request
 from strata.core.sampling_params import SamplingParams
@@ -38,21 +41,17 @@ class NewRequest:
                    req.params, seed)
 
 
-class ScheduledChunk:
-    """Positions [start, start + num_tokens) of one request are computed this step."""
-    __slots__ = ("request_id", "start", "num_tokens", "sample", "new_token_ids", "new_block_ids", "request")
-
-    def __init__(self, request_id: str, start: int, num_tokens: int, sample: bool,
-                 new_token_ids: list[int] | None = None, new_block_ids: list[int] | None = None,
-                 request: Request | None = None):
-        self.request_id = request_id
-        self.start = start  # == the request's num_computed_tokens at schedule time
-        self.num_tokens = num_tokens
-        # True when this chunk reaches the end of the known (and pending) tokens, so the step samples a next token.
-        self.sample = sample
-        self.new_token_ids = new_token_ids or []  # tokens the runners were not sent yet (running requests)
-        self.new_block_ids = new_block_ids or []  # blocks appended since the last plan (running requests)
-        self.request = request  # the scheduler's back-reference; not sent to other ranks
+class ScheduledChunk(NamedTuple):
+    """Positions [start, start + num_tokens) of one request are computed this step. (A tuple: plans of hundreds
+    of chunks are built and pickled every step, and tuples are the cheapest to build.)"""
+    request_id: str
+    start: int  # == the request's num_computed_tokens at schedule time
+    num_tokens: int
+    # True when this chunk reaches the end of the known (and pending) tokens, so the step samples a next token.
+    sample: bool
+    new_token_ids: Sequence[int] = ()  # tokens the runners were not sent yet (running requests)
+    new_block_ids: Sequence[int] = ()  # blocks appended since the last plan (running requests)
+    request: Request | None = None  # the scheduler's back-reference; not sent to other ranks
 
     @property
     def is_decode(self) -> bool:
@@ -65,11 +64,8 @@ class ScheduledChunk:
         flight, so the runner reads it on the device. Valid right after scheduling."""
         return self.start >= self.request.num_tokens
 
-    def __repr__(self) -> str:
-        return f"ScheduledChunk({self.request_id}, start={self.start}, n={self.num_tokens}, sample={self.sample})"
 
-
-_COLUMNS = ("request_id", "start", "num_tokens", "sample", "new_token_ids", "new_block_ids")
+_SENT = len(ScheduledChunk._fields) - 1  # every field but the back-reference
 
 
 @dataclass
@@ -95,16 +91,16 @@ class StepPlan:
     def num_decode(self) -> int:
         return sum(1 for c in self.chunks if c.num_tokens == 1 and c.sample)
 
-    # Sent as columns (one list per chunk field, no back-references): a fraction of the pickling time and bytes
+    # Sent as columns (one tuple per chunk field, no back-references): a fraction of the pickling time and bytes
     # of a list of objects, which matters at hundreds of decodes per step.
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["chunks"] = tuple([getattr(c, k) for c in self.chunks] for k in _COLUMNS)
+        state["chunks"] = tuple(zip(*self.chunks))[:_SENT]
         return state
 
     def __setstate__(self, state):
         cols = state["chunks"]
-        state["chunks"] = [ScheduledChunk(*row) for row in zip(*cols)]
+        state["chunks"] = list(map(tuple.__new__, repeat(ScheduledChunk), zip(*cols, repeat(None)))) if cols else []
         self.__dict__.update(state)
 
 

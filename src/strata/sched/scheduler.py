@@ -118,7 +118,7 @@ class Scheduler:
         sent = self._sent.get(req.request_id)
         if sent is None:  # admitted or resumed: the runners get all of it
             plan.new_requests.append(NewRequest.of(req))
-            toks, blocks = None, None
+            toks, blocks = (), ()
         else:
             toks, blocks = req.tokens(sent[0], req.num_tokens), req.block_ids[sent[1]:]
         self._sent[req.request_id] = [req.num_tokens, len(req.block_ids)]
