@@ -81,9 +81,13 @@ class Requests(dict):
         return torch.Generator(device=self.generator_device).manual_seed(seed)
 
 
-def decode_first(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
-    """The order a step is computed and sampled in: decodes first (the attention metadata splits the batch)."""
-    return [c for c in chunks if c.is_decode] + [c for c in chunks if not c.is_decode]
+def decode_first(chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], int]:
+    """The order a step is computed and sampled in: decodes first (the attention metadata splits the batch).
+    Returns (the ordered chunks, how many are decodes)."""
+    decodes, rest = [], []
+    for c in chunks:
+        (decodes if c.num_tokens == 1 and c.start > 0 else rest).append(c)
+    return decodes + rest, len(decodes)
 
 
 def is_pending(c: ScheduledChunk, r: RunnerRequest) -> bool:
@@ -100,9 +104,10 @@ class StepInputs:
     sample_rows: list[int]  # index of the last token of each chunk that samples
 
 
-def build_inputs(chunks: list[ScheduledChunk], reqs: Requests, block_size: int,
+def build_inputs(chunks: list[ScheduledChunk], num_decodes: int, reqs: Requests, block_size: int,
                  device: torch.device) -> StepInputs:
-    """Inputs of chunks ordered decodes first (`decode_first`, or a contiguous slice of that order)."""
+    """Inputs of chunks ordered decodes first, the first `num_decodes` of them decodes (`decode_first`, or a
+    contiguous slice of that order)."""
     bs = block_size
     ids: list[int] = []
     pos: list[int] = []
@@ -124,9 +129,7 @@ def build_inputs(chunks: list[ScheduledChunk], reqs: Requests, block_size: int,
         slots.extend(bt[p // bs] * bs + p % bs for p in rng)
         if c.sample:
             rows.append(len(ids) - 1)
-    decodes = [c for c in chunks if c.is_decode]
-    prefills = chunks[len(decodes):]
-    meta = _metadata(decodes, prefills, reqs, slots, device)
+    meta = _metadata(chunks[:num_decodes], chunks[num_decodes:], reqs, slots, device)
     return StepInputs(to_device(ids, torch.int64, device), to_device(pos, torch.int64, device), meta, pending,
                       rows)
 

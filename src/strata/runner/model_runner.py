@@ -143,13 +143,13 @@ class ModelRunner:
         self.requests.apply(plan)
         if self.tables is not None:
             self.tables.sync(plan, self.requests)
-        chunks = decode_first(plan.chunks)
+        chunks, num_decodes = decode_first(plan.chunks)
         sample_chunks = [c for c in chunks if c.sample]
         batch = SamplingBatch([self.requests[c.request_id] for c in sample_chunks]) if sample_chunks else None
         greedy_ids = (batch is not None and self.link.pp_size > 1 and self.greedy_on_last_stage
                       and batch.all_greedy and not batch.any_penalty and not batch.any_min_tokens
                       and batch.max_logprobs is None)
-        parts, graphed = self._run_stage(chunks, greedy_ids)
+        parts, graphed = self._run_stage(chunks, num_decodes, greedy_ids)
         tokens = lps = None
         if sample_chunks and self.link.is_driver:
             rows = parts[0] if len(parts) == 1 else torch.cat(parts)  # in sampling order
@@ -169,16 +169,16 @@ class ModelRunner:
                 slots = to_device([self.requests[c.request_id].slot for c in sample_chunks], torch.int64,
                                   self.device)
                 self.last_sampled.index_copy_(0, slots, tokens_here)
-        decodes = sum(c.is_decode for c in chunks)
-        kind = ("decode_graph" if graphed else "decode_eager" if decodes == len(chunks)
-                else "mixed" if decodes else "prefill")
+        kind = ("decode_graph" if graphed else "decode_eager" if num_decodes == len(chunks)
+                else "mixed" if num_decodes else "prefill")
         st = self.step_stats.setdefault(kind, [0, 0.0, 0])
         st[0] += 1
         st[1] += time.perf_counter() - t0
         st[2] += plan.num_batched_tokens
         return StepHandle(plan, sample_chunks, batch, tokens, lps, st)
 
-    def _run_stage(self, chunks: list[ScheduledChunk], greedy_ids: bool) -> tuple[list[torch.Tensor], bool]:
+    def _run_stage(self, chunks: list[ScheduledChunk], num_decodes: int,
+                   greedy_ids: bool) -> tuple[list[torch.Tensor], bool]:
         """This rank's share of the step, micro-batch by micro-batch. Returns, on the driver, the sampled rows
         of every micro-batch in order (logits [n, V], or argmax ids [n] when `greedy_ids`), and whether every
         micro-batch replayed a graph. Sends are asynchronous, so stage s works on micro-batch i + 1 while stage
@@ -189,7 +189,7 @@ class ModelRunner:
         for i, (a, b) in enumerate(mbs):
             part = chunks[a:b]
             inter = None if link.is_first else link.recv_hidden(sum(c.num_tokens for c in part), i)
-            y, g = self._forward(part, inter)
+            y, g = self._forward(part, max(0, min(b, num_decodes) - a), inter)
             graphed = graphed and g
             if not link.is_last:
                 sends.append(link.send_hidden(y, i))
@@ -213,13 +213,14 @@ class ModelRunner:
             w.wait()
         return out, graphed
 
-    def _forward(self, part: list[ScheduledChunk], inter: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+    def _forward(self, part: list[ScheduledChunk], num_decodes: int,
+                 inter: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
         """One micro-batch through this rank's layers. Returns (output, replayed a graph): the output is the
         residual stream for the next stage [T, hidden], or on the last stage the logits of the rows that sample
         [n, V] (None when none does)."""
-        if self.graphs is not None and all(c.is_decode for c in part) and self.graphs.fits(len(part)):
+        if self.graphs is not None and num_decodes == len(part) and self.graphs.fits(len(part)):
             return self._forward_graph(part, inter), True
-        x = build_inputs(part, self.requests, self.block_size, self.device)
+        x = build_inputs(part, num_decodes, self.requests, self.block_size, self.device)
         if x.pending:  # decode inputs sampled by the step before, not yet on the host
             at = to_device([i for i, _ in x.pending], torch.int64, self.device)
             src = to_device([s for _, s in x.pending], torch.int64, self.device)

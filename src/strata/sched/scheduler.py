@@ -115,13 +115,16 @@ class Scheduler:
     def _add_chunk(self, plan: StepPlan, req: Request, n: int) -> None:
         start = req.num_computed_tokens
         sample = start + n == req.num_tokens + req.num_pending
+        n_tok, n_blk = req.num_tokens, len(req.block_ids)
         sent = self._sent.get(req.request_id)
         if sent is None:  # admitted or resumed: the runners get all of it
             plan.new_requests.append(NewRequest.of(req))
+            self._sent[req.request_id] = [n_tok, n_blk]
             toks, blocks = (), ()
         else:
-            toks, blocks = req.tokens(sent[0], req.num_tokens), req.block_ids[sent[1]:]
-        self._sent[req.request_id] = [req.num_tokens, len(req.block_ids)]
+            toks = req.tokens(sent[0], n_tok) if n_tok > sent[0] else ()
+            blocks = req.block_ids[sent[1]:] if n_blk > sent[1] else ()
+            sent[0], sent[1] = n_tok, n_blk
         plan.chunks.append(ScheduledChunk(req.request_id, start, n, sample, toks, blocks, req))
         req.num_computed_tokens += n
         req.num_pending += sample
