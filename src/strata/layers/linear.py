@@ -3,9 +3,8 @@ which copies only this rank's shard of a full checkpoint tensor. At TP size 1 th
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-
-from strata import ops
 
 from strata.parallel import state as ps
 
@@ -31,7 +30,7 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -108,5 +107,5 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ops.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
         return ps.all_reduce(y) if self.reduce_results else y

@@ -46,8 +46,7 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool):
     """Softmax over experts in fp32, top-k, optional renormalisation: (weights fp32 [T, k], ids [T, k])."""
     if ops.use_triton(router_logits):
         from strata.ops.triton_kernels import fused_moe as fm
-        if not fm.legacy():
-            return fm.select_experts(router_logits, top_k, renormalize)
+        return fm.select_experts(router_logits, top_k, renormalize)
     return moe_ref.select_experts(router_logits, top_k, renormalize)
 
 

@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from strata.core.errors import ModelLoadError
+from strata.models.config import read_config_json
 
 
 @dataclass
@@ -40,12 +41,7 @@ def resolve_model(model: str | None, hf_overrides: dict | None = None) -> ModelS
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {cfg_path}: {e}") from e
-    return ModelSource(path, "hf", {**cfg, **(hf_overrides or {})})
+    return ModelSource(path, "hf", {**read_config_json(cfg_path), **(hf_overrides or {})})
 
 
 def _is_gguf(path: str) -> bool:

@@ -30,12 +30,6 @@ _STACKED = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$"
 _PART = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3", "down_proj": "w2", "w2": "w2"}
 
 
-def is_sparse_layer(cfg: ModelConfig, i: int) -> bool:
-    raw = cfg.raw or {}
-    step = int(raw.get("decoder_sparse_step") or 1)
-    return bool(cfg.num_experts) and i not in set(raw.get("mlp_only_layers") or []) and (i + 1) % step == 0
-
-
 class MoeDecoderLayer(DecoderLayer):
     """The Llama-family attention half; the MLP half is a router + experts on sparse layers."""
 
@@ -44,7 +38,7 @@ class MoeDecoderLayer(DecoderLayer):
         super().__init__(cfg, dtype, layer_idx)
 
     def build_mlp(self, cfg: ModelConfig, dtype, layer_idx: int) -> None:
-        self.sparse = is_sparse_layer(cfg, layer_idx)
+        self.sparse = cfg.is_moe_layer(layer_idx)
         if self.sparse:  # router and experts sit on the layer itself: HF's ".mlp." level is dropped on load
             self.gate = ReplicatedLinear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype)
             self.experts = FusedMoE(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,

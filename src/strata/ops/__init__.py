@@ -170,6 +170,3 @@ def check_fused_qkv_epilogue(device: torch.device, dtype: torch.dtype, num_heads
     return ok
 
 
-# Linear layers: cuBLAS through F.linear. (A Triton skinny GEMM for decode rows was tried and measured no faster
-# on an H200, benchmarks/results/LOG.md; it is gone.) layers/linear.py still calls this name.
-linear = torch.nn.functional.linear

@@ -314,12 +314,6 @@ def _moe_decode_down_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, H, I, E, 
     tl.store(out_ptr + t * s_om + offs_n, tl.sum(wt[:, None] * y, axis=0).to(out_ty), mask=n_ok)
 
 
-def legacy() -> bool:
-    """Always False. The path before the decode work (sorted GEMM always, alignment and routing in torch ops) and
-    its toggle are gone; layers/moe.py still asks, until its owner drops the call."""
-    return False
-
-
 def use_decode_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
     """Whether `fused_moe` takes the alignment-free path."""
     return num_tokens == 1 or 2 * num_tokens * top_k <= num_experts
