@@ -87,10 +87,6 @@ class StepPlan:
     def new_slots(self) -> list[int]:
         return [n.slot for n in self.new_requests]
 
-    @property
-    def num_decode(self) -> int:
-        return sum(1 for c in self.chunks if c.num_tokens == 1 and c.sample)
-
     # Sent as columns (one tuple per chunk field, no back-references): a fraction of the pickling time and bytes
     # of a list of objects, which matters at hundreds of decodes per step.
     def __getstate__(self):

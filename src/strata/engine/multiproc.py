@@ -300,10 +300,6 @@ class MultiprocExecutor(Executor):
         atexit.register(self.shutdown)
 
     @property
-    def is_dead(self) -> bool:
-        return self._dead is not None
-
-    @property
     def worker_pids(self) -> list[int]:
         return [p.pid for _, p in self._procs]
 

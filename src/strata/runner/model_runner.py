@@ -14,10 +14,10 @@ Per step (see docs/ARCHITECTURE.md):
      tokens in plan order.
 
 `launch(plan)` queues all of that on the device without waiting for it (host inputs go through pinned,
-non-blocking copies) and returns a `StepHandle`; `handle.result()` waits and returns the StepResult.
-`execute(plan)` is `launch(plan).result()`. Sampled ids are also kept per slot on the device
-(`last_sampled`), so that a step launched before the previous one's result is back (async scheduling) reads
-a decode's input token there instead of from the host; with TP the driver broadcasts them to every TP rank.
+non-blocking copies) and returns a `StepHandle`; `handle.result()` waits and returns the StepResult. Sampled
+ids are also kept per slot on the device (`last_sampled`), so that a step launched before the previous one's
+result is back (async scheduling) reads a decode's input token there instead of from the host; with TP the
+driver broadcasts them to every TP rank.
 """
 from __future__ import annotations
 
@@ -132,9 +132,6 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     # ---- the step ----
-    def execute(self, plan: StepPlan) -> StepResult:
-        return self.launch(plan).result()
-
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> "StepHandle":
         """Queue the step on the device; nothing here waits for the device (on CUDA, with the Triton
