@@ -12,7 +12,6 @@ tokens on the host to sample the next one (see `_needs_sync`).
 """
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass
 
@@ -102,7 +101,7 @@ class LLMEngine:
         self.config = config
         self.model_config = model_cfg
         self.tokenizer = tokenizer
-        self.runner = executor  # (named as before: benchmarks read runner.step_stats)
+        self.runner = executor  # the executor (named runner as before: benchmarks and tests read it)
         self.model_name = config.served_model_name
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
@@ -116,7 +115,6 @@ class LLMEngine:
         self.holding: set[str] = set()  # parents whose n > 1 siblings are held back (parent.pending)
         self.async_scheduling = executor.max_steps_in_flight > 1
         self.in_flight: tuple[StepPlan, StepHandle] | None = None
-        self._seed_counter = itertools.count()
         self._aborted_outputs: list[RequestOutput] = []
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
