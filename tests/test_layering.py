@@ -6,11 +6,9 @@ LAYERS lists the packages (and top-level modules) from the bottom up; a package 
 tiers only, and packages of one tier do not import each other. `cli` is the dispatcher: it reaches the
 subcommand modules by name (importlib), so those edges do not show here.
 
-KNOWN lists the violations left when this test was written, after the issue-19 refactor had removed those of
-`parallel/` (upward imports of runner, layers.sampler, attention.backend, models.config; the package cycle
-layers <-> models <-> parallel <-> runner) and the file cycle engine/executor.py <-> engine/llm_engine.py. A
-violation not in KNOWN fails the test, and so does an entry of KNOWN that no longer occurs: delete it (the list
-only shrinks).
+There are no exceptions: the violations left after the issue-19 refactor (`strata.engine.cli` and
+`strata.router.cli` importing the dispatcher `strata.cli` for its argparse helpers, now in `strata.core.cliutil`; the
+file cycles batch.cli <-> batch.dp and batch.jobs <-> batch.rows) are gone, and any new one fails the test.
 """
 from __future__ import annotations
 
@@ -38,21 +36,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("bench_cli",),             # `strata bench`
     ("cli", "strata"),          # the `strata` dispatcher and the package root (`from strata import LLM`)
 ]
-
-# Found when this test was written (issue 19). Forms:
-#   "upward: IMPORTER -> IMPORTED"   a module importing a module of its own tier or a higher one
-#   "file cycle: A <-> B <-> ..."    modules that import each other (members sorted)
-#   "package cycle: P <-> Q <-> ..." packages that import each other (members sorted)
-KNOWN: set[str] = {
-    # strata.cli's HelpFormatter / Parser, imported by subcommand modules that strata.cli dispatches to by name:
-    # the helpers belong below the dispatcher
-    "upward: strata.engine.cli -> strata.cli",
-    "upward: strata.router.cli -> strata.cli",
-    # the batch package's own file cycles (imports inside functions), outside the engine refactor
-    "file cycle: strata.batch.cli <-> strata.batch.dp",
-    "file cycle: strata.batch.jobs <-> strata.batch.rows",
-}
-
 
 def _package(mod: str) -> str:
     parts = mod.split(".")
@@ -268,18 +251,13 @@ def test_layers_name_every_package_once():
     assert not set(names) - present, f"LAYERS names packages that do not exist: {sorted(set(names) - present)}"
 
 
-def test_no_new_layering_violation():
+def test_no_layering_violation():
+    """Violation forms: "upward: IMPORTER -> IMPORTED" (a module importing a module of its own tier or a higher
+    one), "file cycle: A <-> B <-> ..." (modules that import each other), "package cycle: P <-> Q <-> ...",
+    "unplaced package: P", "missing module: A -> B"."""
     found = violations()
-    new = {k: v for k, v in found.items() if k not in KNOWN}
-    assert not new, "import layering violations (LAYERS in tests/test_layering.py):\n" + "\n".join(
-        f"  {k}\n" + "\n".join(f"      {w}" for w in v) for k, v in sorted(new.items()))
-
-
-def test_known_violations_still_occur():
-    found = violations()
-    gone = sorted(KNOWN - set(found))
-    assert not gone, ("these KNOWN violations no longer occur: delete them from KNOWN in tests/test_layering.py "
-                      "(the list only shrinks):\n" + "\n".join(f"  {k!r}," for k in gone))
+    assert not found, "import layering violations (LAYERS in tests/test_layering.py):\n" + "\n".join(
+        f"  {k}\n" + "\n".join(f"      {w}" for w in v) for k, v in sorted(found.items()))
 
 
 def test_the_check_sees_function_level_imports_and_cycles(tmp_path, monkeypatch):

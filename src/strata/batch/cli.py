@@ -237,6 +237,18 @@ def run_batch_cli(args: argparse.Namespace) -> int:
         return EXIT_FATAL
 
 
+def child_main() -> int:
+    """Entry point of a data-parallel worker process that strata.batch.dp starts (arguments in
+    STRATA_BATCH_ARGS)."""
+    _setup_logging()
+    args = argparse.Namespace(**json.loads(os.environ["STRATA_BATCH_ARGS"]))
+    try:
+        return run_batch(args, engine_factory=make_engine)
+    except (ValueError, FileNotFoundError, StrataError) as e:
+        print(f"strata batch (rank {os.environ.get('RANK')}): error: {e}", file=sys.stderr)
+        return EXIT_FATAL
+
+
 def run_batch(args: argparse.Namespace, *, engine_factory=None, engine: Any = None) -> int:
     """Run one rank's share of the job. `engine` (already built) or `engine_factory(args)` supplies it."""
     from strata.batch.jobs import is_openai_row

@@ -125,7 +125,7 @@ def _launch(args: argparse.Namespace, outer_rank: int, outer_world: int, owns_ou
             prev_rows += scan_output(path).rows
         tails.append(_Tail(path))
         procs.append(subprocess.Popen(
-            [sys.executable, "-c", "import sys; from strata.batch.dp import child_main; sys.exit(child_main())"],
+            [sys.executable, "-c", "import sys; from strata.batch.cli import child_main; sys.exit(child_main())"],
             env=env))
     log.info("batch: %d data-parallel workers (ranks %d..%d of %d)%s", n, outer_rank * n, outer_rank * n + n - 1,
              world, f" on GPUs {','.join(g for b in place.gpus for g in b)}" if place.on_gpu else " on CPU")
@@ -181,17 +181,3 @@ def _launch(args: argparse.Namespace, outer_rank: int, outer_world: int, owns_ou
     if bad:
         return bad[0] if bad[0] > 0 else 2
     return 1 if failed_rows else 0
-
-
-def child_main() -> int:
-    """Entry point of a data-parallel worker process (arguments in STRATA_BATCH_ARGS)."""
-    from strata.batch.cli import _setup_logging, make_engine, run_batch
-
-    _setup_logging()
-    args = argparse.Namespace(**json.loads(os.environ["STRATA_BATCH_ARGS"]))
-    from strata.core.errors import StrataError
-    try:
-        return run_batch(args, engine_factory=make_engine)
-    except (ValueError, FileNotFoundError, StrataError) as e:
-        print(f"strata batch (rank {os.environ.get('RANK')}): error: {e}", file=sys.stderr)
-        return 2

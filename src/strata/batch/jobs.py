@@ -1,4 +1,5 @@
-"""From input rows to engine requests (`Job`); engine outputs become output rows in `strata.batch.rows`.
+"""From input rows to engine requests (`Job`) and row errors (`ErrorItem`); `strata.batch.rows` defines both and
+the output rows they become.
 
 Two row kinds:
 - plain rows: the prompt comes from `--text-field`, `--prompt-template` ("{field}" placeholders) or
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from strata.batch.readers import Record, RowError
-from strata.batch.rows import error_row, job_error_row, result_row  # re-exported: see __all__
+from strata.batch.rows import ErrorItem, Job, error_row, job_error_row, result_row  # re-exported: see __all__
 from strata.core.sampling_params import ParameterError, SamplingParams
 
 SENTINEL = "\u2063STRATA\u2063CONTENT\u2063"  # invisible separators: no template alters them
@@ -29,34 +30,6 @@ _MISSING = object()
 # Row errors that, when every one of the first rows has one, mean the job is misconfigured (a wrong
 # --text-field or --id-field, the wrong --input-format): the job stops instead of recording them.
 CONFIG_ERRORS = frozenset({"missing_field", "non_text_field", "missing_id", "invalid_id", "invalid_messages"})
-
-
-# ---------------------------------------------------------------- what goes in and out of the runner
-
-@dataclass
-class Job:
-    key: str
-    id: Any
-    row: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    kind: str = "plain"  # plain | openai
-    url: str | None = None
-    truncated: bool = False
-    untruncated_tokens: int | None = None
-    extra: dict | None = None  # --include-fields values (plain rows)
-
-
-@dataclass
-class ErrorItem:
-    key: str
-    id: Any
-    row: int
-    error: RowError
-    kind: str = "plain"
-    status_code: int | None = None  # OpenAI rows: 400 for a refused request, None for a line that is no request
-    param: str | None = None
-    extra: dict | None = None
 
 
 def is_openai_row(obj: Any) -> bool:

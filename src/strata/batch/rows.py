@@ -1,5 +1,7 @@
-"""Output rows: what the runner writes for a finished request (`result_row`), for a row that never became a
-request (`error_row`) and for a request the engine refused (`job_error_row`).
+"""What goes in and out of the batch runner: a `Job` (an engine request built from an input row by
+`strata.batch.jobs`) or an `ErrorItem` (a row that never became a request), and the output rows they become: for a
+finished request (`result_row`), for a row that never became a request (`error_row`) and for a request the engine
+refused (`job_error_row`).
 
 Plain rows: `{"id", "row", "text", "finish_reason", "prompt_tokens", "output_tokens", "truncated", ..., "error"}`.
 OpenAI batch rows: `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}` as the
@@ -9,12 +11,37 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from strata.batch.readers import RowError
+from strata.core.sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from strata.batch.jobs import ErrorItem, Job
+
+@dataclass
+class Job:
+    key: str
+    id: Any
+    row: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    kind: str = "plain"  # plain | openai
+    url: str | None = None
+    truncated: bool = False
+    untruncated_tokens: int | None = None
+    extra: dict | None = None  # --include-fields values (plain rows)
+
+
+@dataclass
+class ErrorItem:
+    key: str
+    id: Any
+    row: int
+    error: RowError
+    kind: str = "plain"
+    status_code: int | None = None  # OpenAI rows: 400 for a refused request, None for a line that is no request
+    param: str | None = None
+    extra: dict | None = None
 
 
 def _new_id(prefix: str) -> str:

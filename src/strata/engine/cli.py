@@ -11,7 +11,7 @@ reply is streamed as it is generated, and the conversation is kept until /reset.
 
 
 def _formatter():
-    from strata.cli import HelpFormatter
+    from strata.core.cliutil import HelpFormatter
     return HelpFormatter
 
 

@@ -144,7 +144,7 @@ def _status(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from strata.cli import Parser  # torch-free, like everything the router imports
+    from strata.core.cliutil import Parser  # torch-free, like everything the router imports
 
     parser = Parser(prog="strata")
     sub = parser.add_subparsers(dest="command")
