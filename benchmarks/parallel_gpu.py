@@ -382,21 +382,22 @@ def case_parity(base, args):
     extra = {"load_format": "auto", "max_num_seqs": 16}
     res = {}
     layouts = {"tp2": {"tensor_parallel_size": 2}, "pp2": {"pipeline_parallel_size": 2},
-               # one GPU, the torch twins instead of the Triton kernels (eager: the twins are not graph-safe)
-               "torch": {"attention_backend": "torch", "enforce_eager": True}}
+               # one GPU, the torch twins of every kernel instead of Triton (eager: the twins are not graph-safe)
+               "torch": {"enforce_eager": True, "env": {"STRATA_DISABLE_TRITON": "1"}}}
     for dtype in args.parity_dtypes.split(","):
         ref = run_child({"kind": "parity", "path": d, "layout": {}, "dtype": dtype, "n_tok": n_tok, "extra": extra})
-        for lay in [dict(layouts[name]) for name in args.parity_layouts.split(",")]:
+        for lname in args.parity_layouts.split(","):
+            lay = dict(layouts[lname])
             env = lay.pop("env", None)
+            name = "torch_backend" if lname == "torch" else layout_name(lay)
             got = run_child({"kind": "parity", "path": d, "layout": lay, "dtype": dtype, "n_tok": n_tok,
                              "extra": extra, "env": env})
             if "tokens" not in got or "tokens" not in ref:
-                res[f"{dtype}_{layout_name(lay)}"] = {"error": got.get("error") or ref.get("error")}
+                res[f"{dtype}_{name}"] = {"error": got.get("error") or ref.get("error")}
                 continue
             equal = [a == b for a, b in zip(got["tokens"], ref["tokens"])]
             first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
                      for a, b in zip(got["tokens"], ref["tokens"])]
-            name = "torch_backend" if lay.get("attention_backend") == "torch" else layout_name(lay)
             res[f"{dtype}_{name}"] = {"sequences_equal": sum(equal), "of": len(equal), "first_divergence": first,
                                       "margins": [divergence_margin(ref, got, i, k) for i, k in enumerate(first)
                                                   if k is not None]}

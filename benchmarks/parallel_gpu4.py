@@ -16,10 +16,10 @@ Cases (each writes <out>/parallel_gpu4-<case>.json; all runs also go to <out>/pa
   moe4      Qwen3-30B-A3B arch (128 experts, top-8): one GPU, TP=2, TP=2 + EP, TP=4, TP=4 + EP (EP=4 against
             TP-sharded experts): batch-1 latency and 256 x 512/128 throughput, memory per GPU (--moe-layouts)
   dp4       reference model, sharegpt1000: DP=1 against DP=4 (target >= 3.7x)
-  ppgraphs  pipeline stages as CUDA graphs (STRATA_PP_GRAPHS=1) against eager stages: Llama-3-70B TP=2 x PP=2
-            (4 GPUs) or Llama-3-8B PP=2 (2 GPUs): float32 parity against TP=1 (4-layer cut), batch-1 latency
-            eager and with graphs, sharegpt1000 with graphs, then with graphs and PP steps in flight at once
-            (STRATA_PP_BATCH_QUEUE=1)
+  ppgraphs  pipeline stages with CUDA graphs (the default: a stage is the model runner over its layers, with the
+            one graph runner) against eager stages (enforce_eager): Llama-3-70B TP=2 x PP=2 (4 GPUs) or
+            Llama-3-8B PP=2 (2 GPUs): float32 parity of the graph path against TP=1 (4-layer cut), batch-1
+            latency eager and with graphs, sharegpt1000 with graphs
 """
 from __future__ import annotations
 
@@ -85,36 +85,35 @@ def case_moe_parity(base, args):
 
 
 def case_ppgraphs(base, args):
-    """Pipeline stages as CUDA graphs (STRATA_PP_GRAPHS=1) against eager stages: on 4 GPUs Llama-3-70B at
-    TP=2 x PP=2 (eager figures: docs/PARALLELISM.md, "Four GPUs"), on 2 GPUs Llama-3-8B at PP=2. Float32 greedy parity of
-    the graph path against TP=1 on the model's widths cut to 4 layers; batch-1 latency eager and with graphs;
-    sharegpt1000 with graphs."""
+    """Pipeline stages with CUDA graphs (the default since issue 19: every stage replays the one graph runner's
+    decode graphs, sends and receives outside them) against eager stages (enforce_eager): on 4 GPUs Llama-3-70B at
+    TP=2 x PP=2 (eager figures: docs/PARALLELISM.md, "Four GPUs"), on 2 GPUs Llama-3-8B at PP=2. Float32 greedy
+    parity of the graph path against TP=1 on the model's widths cut to 4 layers; batch-1 latency eager and with
+    graphs; sharegpt1000 with graphs."""
     import torch
     four = pg.DRY or torch.cuda.device_count() >= 4
     model, lay = ("llama-3-70b", TP2PP2) if four else ("llama-3-8b", {"pipeline_parallel_size": 2})
-    graphs = {"STRATA_PP_GRAPHS": "1"}
     ck = pg.checkpoint_dir(model, base, overrides={"num_hidden_layers": 2 if pg.DRY else 4})
     extra = {"load_format": "auto", "max_num_seqs": 16}
     n_tok = 16 if pg.QUICK else 32
     ref = pg.run_child({"kind": "parity", "path": ck, "layout": {}, "dtype": "float32", "n_tok": n_tok, "extra": extra})
     got = pg.run_child({"kind": "parity", "path": ck, "layout": lay, "dtype": "float32", "n_tok": n_tok,
-                        "extra": extra, "env": graphs})
+                        "extra": extra})
     res = {"float32_graphs_vs_tp1": _compare(ref, got)}
     pg.log(f"   parity: {json.dumps(res['float32_graphs_vs_tp1'])[:300]}")
     d = pg.model_dir(model, base)
     ctx, n_out = (256, 16) if pg.QUICK else (1024, 64)
     res["eager"] = pg.run_child({"kind": "latency", "path": d, "layout": lay, "ctx": ctx, "n_out": n_out,
-                                 "extra": {"max_num_seqs": 8}})
+                                 "extra": {"max_num_seqs": 8, "enforce_eager": True}})
+    runs = [{**r, "variant": "pp_eager"} for r in _runs(model, lay, {"latency": res["eager"]}, "random")]
     spec = _sharegpt_spec(args) or {}
-    runs = _runs(model, lay, res["eager"] and {"latency": res["eager"]}, "random")
     if spec:
-        res["graphs"] = pg.run_child({"kind": "combo", "path": d, "layout": lay, "ctx": ctx, "n_out": n_out,
-                                      "env": graphs, **spec})
+        res["graphs"] = pg.run_child({"kind": "combo", "path": d, "layout": lay, "ctx": ctx, "n_out": n_out, **spec})
         runs += [{**r, "variant": "pp_graphs"} for r in _runs(model, lay, res["graphs"], "sharegpt1000")]
-        # and PP steps in flight at once (STRATA_PP_BATCH_QUEUE=1), on top of the graphs
-        res["graphs_queue"] = pg.run_child({"kind": "throughput", "path": d, "layout": lay,
-                                            "env": {**graphs, "STRATA_PP_BATCH_QUEUE": "1"}, **spec})
-        runs += [{**r, "variant": "pp_graphs_queue"} for r in _runs(model, lay, res["graphs_queue"], "sharegpt1000")]
+    else:  # no workloads: the batch-1 comparison alone
+        res["graphs"] = {"latency": pg.run_child({"kind": "latency", "path": d, "layout": lay, "ctx": ctx,
+                                                  "n_out": n_out, "extra": {"max_num_seqs": 8}})}
+        runs += [{**r, "variant": "pp_graphs"} for r in _runs(model, lay, res["graphs"], "random")]
     try:
         res["tpot_graphs_over_eager"] = round(res["graphs"]["latency"]["tpot_ms"] / res["eager"]["tpot_ms"], 3)
     except (KeyError, TypeError, ZeroDivisionError):

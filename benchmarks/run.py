@@ -230,8 +230,8 @@ SUITES: dict[str, Suite] = {
              "--model qwen3-4b --tokenizer {tok} --out-json {out}/batch-dp4.json", 330,
              needs=(TOK, "{batch}/sharegpt10k.jsonl")),
     ], env=HANG),
-    "x4-pp": Suite("nvidia-h200-x4", "pipeline stages with CUDA graphs: Llama-3-70B TP=2 x PP=2 (on 2 GPUs the "
-                   "same step measures Llama-3-8B PP=2)", [
+    "x4-pp": Suite("nvidia-h200-x4", "pipeline stages with CUDA graphs (the default) against eager stages: "
+                   "Llama-3-70B TP=2 x PP=2 (on 2 GPUs the same step measures Llama-3-8B PP=2)", [
         Step("ppgraphs", "{py} benchmarks/parallel_gpu4.py --out {out} --workloads {wl} --async-steps "
              "--cases ppgraphs", 560, needs=(TOK, *WL)),
     ], env=HANG),
