@@ -266,7 +266,7 @@ BAD = [
     ("/v1/chat/completions", {"messages": CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/v1/chat/completions", {"messages": CHAT, "n": -1}, 400, "n"),
     ("/v1/chat/completions", {"messages": CHAT, "top_p": -1}, 400, "top_p"),
-    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "xml"}}, 400, "response_format"),
     ("/tokenize", {"prompt": 5}, 400, "prompt"),
     ("/tokenize", {}, 400, "prompt"),
     ("/detokenize", {"tokens": [10 ** 9]}, 400, "tokens"),

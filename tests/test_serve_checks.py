@@ -1,6 +1,8 @@
 """Checks `strata serve` makes before loading the model (a taken port, a state directory that is locked or
-unusable: a non-zero exit within 2 s, naming the problem), and tool calling refused with a 400 naming the
-parameter (tools without tool_choice, tool_choice other than "none") rather than silently ignored."""
+unusable, --enable-auto-tool-choice without --tool-call-parser: a non-zero exit within 2 s, naming the problem),
+and tool requests the server cannot honour refused with a 400 naming the parameter (tool_choice "auto", the
+default with tools, without --enable-auto-tool-choice; a tool_choice without tools or naming an unknown
+function; the deprecated functions/function_call). Tool calling itself: test_serve_structured.py."""
 from __future__ import annotations
 
 import fcntl
@@ -66,6 +68,12 @@ def test_state_dir_locked_or_unusable_fails_fast(model_dir, tmp_path):
         assert str(ro / "state") in err, err
 
 
+def test_auto_tool_choice_without_parser_fails_fast(model_dir, tmp_path):
+    err = _serve_fails_fast(model_dir, "--port", str(free_port()), "--state-dir", str(tmp_path / "state"),
+                            "--enable-auto-tool-choice")
+    assert "--tool-call-parser" in err, err
+
+
 @pytest.fixture(scope="module")
 def client(model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("checks_server")
@@ -81,14 +89,14 @@ MSGS = [{"role": "user", "content": "Weather in Paris?"}]
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"tools": TOOLS}, "tools"),
+    ({"tools": TOOLS}, "tool_choice"),                       # "auto" by default: needs --enable-auto-tool-choice
     ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"functions": [TOOLS[0]["function"]]}, "functions"),
 ])
-def test_tool_calling_refused_naming_the_param(client, extra, param):
+def test_tool_requests_refused_naming_the_param(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL_NAME, messages=MSGS, max_tokens=2, **extra)
     assert e.value.body["param"] == param, e.value.body

@@ -23,6 +23,7 @@ from strata.serve.protocol import (DetokenizeRequest, TokenizeRequest, normalize
                                    parse_model)
 from strata.serve.state import ServerState
 from strata.serve.streaming import ClientDisconnected, SSEResponse, run_or_disconnect
+from strata.serve.tools import check_tools, template_messages
 
 logger = logging.getLogger("strata.serve")
 
@@ -143,11 +144,13 @@ def build_app(state: ServerState) -> FastAPI:
         if req.prompt is not None:
             ids = tok.encode(req.prompt, True if req.add_special_tokens is None else req.add_special_tokens)
         else:
-            msgs = normalize_messages(req.messages)
+            msgs = template_messages(normalize_messages(req.messages))
+            kwargs = dict(req.chat_template_kwargs or {})
+            if req.tools:
+                kwargs["tools"] = check_tools(req.tools)
             text = tok.render_chat(msgs, add_generation_prompt=req.add_generation_prompt and
                                    not req.continue_final_message,
-                                   continue_final_message=req.continue_final_message,
-                                   kwargs=req.chat_template_kwargs)
+                                   continue_final_message=req.continue_final_message, kwargs=kwargs)
             ids = tok.encode(text, bool(req.add_special_tokens))
         out = {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
         if req.return_token_strs:

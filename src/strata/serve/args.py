@@ -26,6 +26,8 @@ class ServerArgs:
     state_dir: str | None = None       # None: preflight.default_state_dir(port), resolved by the CLI
     batch_concurrency: int = 256
     chat_template: str | None = None
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
     log_level: str = "info"
     disable_access_log: bool = False
     ssl_keyfile: str | None = None
@@ -81,6 +83,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--batch-concurrency", type=int, default=d.batch_concurrency,
                    help="requests of Batch API jobs in flight at once")
     g.add_argument("--chat-template", default=None, help="Jinja chat template (file path or the template itself)")
+    from strata.serve.tool_parsers import TOOL_PARSERS
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let the model decide whether to call tools (tool_choice 'auto', the default when tools are "
+                        "given); needs --tool-call-parser")
+    g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="how the model writes tool calls: hermes (<tool_call>{json}</tool_call>: Hermes, Qwen 2.5/3) "
+                        "or llama3_json (Llama 3.1+ JSON calls)")
     g.add_argument("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"])
     g.add_argument("--disable-access-log", action="store_true", help="no per-request log lines")
     g.add_argument("--ssl-keyfile", default=None)

@@ -1,16 +1,23 @@
-"""POST /v1/chat/completions (the conversation goes through the model's chat template)."""
+"""POST /v1/chat/completions (the conversation goes through the model's chat template).
+
+With tools, the output of each choice is read by the plan's parser (serve/tools.py, serve/tool_parsers.py):
+`message.tool_calls` and `finish_reason: "tool_calls"` when it holds calls; streamed, `delta.tool_calls` with
+the id and name first and the arguments in pieces after."""
 from __future__ import annotations
 
 from typing import AsyncIterator
 
 from strata.serve.common import (check_params_for_model, Submitted, admit, chat_logprobs, check_model, check_output_error, new_id, now_s,
                                  submit, usage)
-from strata.serve.errors import from_exception
+from strata.serve.errors import APIError, from_exception
 from strata.serve.prompts import check_lengths
 from strata.serve.protocol import (ChatCompletionRequest, chat_max_tokens, chat_sampling_params, normalize_messages,
                                    parse_model)
 from strata.serve.state import ServerState
 from strata.serve.streaming import DONE, sse
+from strata.serve.structured import constraint_field, rename_error
+from strata.serve.tool_parsers import Delta
+from strata.serve.tools import ToolPlan, plan_tools, template_messages
 
 
 class PreparedChat:
@@ -18,12 +25,17 @@ class PreparedChat:
         req: ChatCompletionRequest = parse_model(ChatCompletionRequest, body)
         check_model(state, req.model)
         self.req = req
-        self.params = chat_sampling_params(req)
+        self.tools: ToolPlan = plan_tools(req, enable_auto=state.args.enable_auto_tool_choice,
+                                          parser_name=state.args.tool_call_parser)
+        self.params = chat_sampling_params(req, self.tools.constraint)
         check_params_for_model(state, self.params)
-        messages = normalize_messages(req.messages)
+        messages = template_messages(normalize_messages(req.messages))
+        kwargs = dict(req.chat_template_kwargs or {})
+        if self.tools.tools:
+            kwargs["tools"] = self.tools.tools
         text = state.tokenizer.render_chat(messages, add_generation_prompt=req.add_generation_prompt,
                                            continue_final_message=req.continue_final_message,
-                                           chat_template=req.chat_template, kwargs=req.chat_template_kwargs)
+                                           chat_template=req.chat_template, kwargs=kwargs)
         self.prompt_ids = state.tokenizer.encode(text, req.add_special_tokens)
         if not self.prompt_ids:
             from strata.core.sampling_params import ParameterError
@@ -37,12 +49,27 @@ class PreparedChat:
         self.n = self.params.n
         self.top_n = req.top_logprobs or 0
 
+    def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        """The assistant message of a finished choice, and its finish_reason ("tool_calls" when it calls)."""
+        if self.tools.parser is None:
+            return {"role": "assistant", "content": text, "tool_calls": []}, finish_reason
+        content, calls = self.tools.parser.parse(text)
+        if not calls:
+            return {"role": "assistant", "content": text, "tool_calls": []}, finish_reason
+        if not self.tools.parallel:
+            calls = calls[:1]
+        return ({"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]},
+                "tool_calls" if finish_reason == "stop" else finish_reason)
+
 
 async def start_chat(state: ServerState, body: dict, *, admission: bool = True) -> tuple[PreparedChat, Submitted]:
     if admission:
         admit(state)
     p = PreparedChat(state, body)
-    sub = await submit(state, p.id, [p.prompt_ids], p.params)
+    try:
+        sub = await submit(state, p.id, [p.prompt_ids], p.params)
+    except APIError as e:  # the engine's check of the grammar names "structured_outputs.*"
+        raise rename_error(e, "tools" if p.tools.constrained else constraint_field(p.req)) from None
     return p, sub
 
 
@@ -59,12 +86,13 @@ async def chat_response(state: ServerState, p: PreparedChat, sub: Submitted) -> 
     completion_tokens = 0
     for c in sorted(final.outputs, key=lambda c: c.index):
         completion_tokens += len(c.token_ids)
+        message, finish_reason = p.message(c.text, c.finish_reason)
         choices.append({
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text, "tool_calls": []},
+            "message": message,
             "logprobs": chat_logprobs(state.tokenizer, c.token_ids, c.logprobs, p.top_n)
             if p.params.logprobs is not None else None,
-            "finish_reason": c.finish_reason,
+            "finish_reason": finish_reason,
             "stop_reason": c.stop_reason,
         })
     return {"id": p.id, "object": "chat.completion", "created": p.created, "model": p.model, "choices": choices,
@@ -78,6 +106,8 @@ async def chat_stream(state: ServerState, p: PreparedChat, sub: Submitted) -> As
     n_prompt = len(p.prompt_ids)
     gen_tokens = 0
     done = [False] * p.n
+    parser = p.tools.parser
+    streamers = [parser.streamer() for _ in range(p.n)] if parser is not None else None
 
     def chunk(choices: list) -> dict:
         d = {"id": p.id, "object": "chat.completion.chunk", "created": p.created, "model": p.model,
@@ -89,8 +119,9 @@ async def chat_stream(state: ServerState, p: PreparedChat, sub: Submitted) -> As
     try:
         # the role comes first, once per choice
         for i in range(p.n):
-            yield sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]))
+            yield sse(chunk([{"index": i, "delta": {"role": "assistant",
+                                                    "content": None if p.tools.constrained else ""},
+                              "logprobs": None, "finish_reason": None}]))
         async for out in sub.streams[0]:
             check_output_error(out)
             for c in out.outputs:
@@ -100,12 +131,15 @@ async def chat_stream(state: ServerState, p: PreparedChat, sub: Submitted) -> As
                 finished = c.finish_reason is not None
                 if not c.text_delta and not finished and not c.token_ids_delta:
                     continue  # a chunk per output that carries tokens, even when their text is held back
-                delta = {"content": c.text_delta} if (c.text_delta or c.token_ids_delta) else {}
+                finish_reason = c.finish_reason if finished else None
+                if streamers is None:
+                    delta = {"content": c.text_delta} if (c.text_delta or c.token_ids_delta) else {}
+                else:
+                    delta, finish_reason = _tool_delta(p, streamers[c.index], c.text_delta, finish_reason)
                 lp = None
                 if p.params.logprobs is not None:
                     lp = chat_logprobs(state.tokenizer, c.token_ids_delta, c.logprobs_delta or [], p.top_n)
-                choice = {"index": c.index, "delta": delta, "logprobs": lp,
-                          "finish_reason": c.finish_reason if finished else None}
+                choice = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
                 if finished:
                     choice["stop_reason"] = c.stop_reason
                     done[c.index] = True
@@ -118,3 +152,19 @@ async def chat_stream(state: ServerState, p: PreparedChat, sub: Submitted) -> As
     finally:
         sub.abort_unfinished()
     yield DONE
+
+
+def _tool_delta(p: PreparedChat, streamer, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    """The delta of one streamed chunk read by a tool parser, and the chunk's finish_reason."""
+    d: Delta = streamer.feed(text)
+    if finish_reason is not None:
+        d = d + streamer.finish()
+    delta: dict = {}
+    if d.content:
+        delta["content"] = d.content
+    calls = d.tool_calls if p.tools.parallel else [c for c in d.tool_calls if c["index"] == 0]
+    if calls:
+        delta["tool_calls"] = calls
+    if finish_reason == "stop" and streamer.num_calls:
+        finish_reason = "tool_calls"
+    return delta, finish_reason

@@ -37,6 +37,9 @@ def main_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server_args = ServerArgs.from_cli_args(args)
+    if server_args.enable_auto_tool_choice and not server_args.tool_call_parser:
+        print("error: --enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)", file=sys.stderr)
+        return 2
 
     # cheap checks first: a taken port or a state directory in use fails now, not after the model loads
     from strata.serve.preflight import PreflightError, StateDir, bind_socket, default_state_dir

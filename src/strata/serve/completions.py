@@ -6,10 +6,11 @@ from typing import AsyncIterator
 from strata.core.outputs import RequestOutput
 from strata.serve.common import (check_params_for_model, Submitted, admit, check_model, check_output_error, completion_logprobs,
                                  new_id, now_s, submit, usage)
-from strata.serve.errors import from_exception
+from strata.serve.errors import APIError, from_exception
 from strata.serve.prompts import check_lengths, completion_prompts
 from strata.serve.protocol import CompletionRequest, completion_sampling_params, parse_model
 from strata.serve.state import ServerState
+from strata.serve.structured import constraint_field, rename_error
 from strata.serve.streaming import DONE, merge, sse
 
 
@@ -42,7 +43,10 @@ async def start_completion(state: ServerState, body: dict, *, admission: bool = 
     p = PreparedCompletion(state, body)
     if admission and len(p.prompts) > 1:
         admit(state, len(p.prompts))
-    sub = await submit(state, p.id, [ids for _, ids in p.prompts], p.params)
+    try:
+        sub = await submit(state, p.id, [ids for _, ids in p.prompts], p.params)
+    except APIError as e:  # the engine's check of the grammar names "structured_outputs.*"
+        raise rename_error(e, constraint_field(p.req)) from None
     return p, sub
 
 

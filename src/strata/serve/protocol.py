@@ -2,7 +2,8 @@
 
 Unknown fields are ignored, as OpenAI and vLLM do. Every problem becomes `ParameterError(param, message)`
 (400 with `param` naming the field); features strata does not implement are refused with 400 rather than
-silently ignored.
+silently ignored. Output constraints (`response_format`, `structured_outputs`, `guided_*`) are read by
+serve/structured.py, tools by serve/tools.py.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from strata.core.sampling_params import ParameterError, SamplingParams
+from strata.serve.structured import make as make_constraint
+from strata.serve.structured import request_constraint
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -52,6 +55,11 @@ class _SamplingFields(_Body):
     priority: int = 0
     prompt_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -91,6 +99,7 @@ class TokenizeRequest(_Body):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None
     return_token_strs: bool = False
 
 
@@ -177,9 +186,6 @@ def _common_checks(r: _SamplingFields) -> None:
         raise ParameterError("logit_bias", "logit_bias is not supported by this server")
     if r.prompt_logprobs is not None:
         raise ParameterError("prompt_logprobs", "prompt_logprobs is not supported by this server")
-    if r.response_format is not None and r.response_format.get("type", "text") != "text":
-        raise ParameterError("response_format", f"response_format type {r.response_format.get('type')!r} "
-                                                "is not supported (only 'text')")
     if r.min_tokens is not None and r.min_tokens < 0:
         raise ParameterError("min_tokens", f"min_tokens must be >= 0, got {r.min_tokens}")
     stops = [r.stop] if isinstance(r.stop, str) else (r.stop or [])
@@ -196,7 +202,9 @@ def _max_tokens_check(value: int | None, param: str) -> None:
         raise ParameterError(param, f"{param} must be at least 1, got {value}")
 
 
-def _sampling(r: _SamplingFields, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling(r: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
+              constraint: Any = None) -> SamplingParams:
+    extra = {"structured_outputs": constraint} if constraint is not None else {}
     return SamplingParams(
         n=r.n,
         temperature=1.0 if r.temperature is None else float(r.temperature),
@@ -216,6 +224,7 @@ def _sampling(r: _SamplingFields, *, max_tokens: int | None, logprobs: int | Non
         skip_special_tokens=r.skip_special_tokens,
         include_stop_str_in_output=r.include_stop_str_in_output,
         priority=r.priority,
+        **extra,
     )
 
 
@@ -232,7 +241,7 @@ def completion_sampling_params(r: CompletionRequest) -> SamplingParams:
         raise ParameterError("echo", "echo together with logprobs is not supported (prompt logprobs are not computed)")
     if r.min_tokens and r.max_tokens is not None and r.min_tokens > r.max_tokens:
         raise ParameterError("min_tokens", f"min_tokens ({r.min_tokens}) must be <= max_tokens ({r.max_tokens})")
-    return _sampling(r, max_tokens=r.max_tokens, logprobs=r.logprobs)
+    return _sampling(r, max_tokens=r.max_tokens, logprobs=r.logprobs, constraint=request_constraint(r)[0])
 
 
 def chat_max_tokens(r: ChatCompletionRequest) -> tuple[int | None, str]:
@@ -242,7 +251,8 @@ def chat_max_tokens(r: ChatCompletionRequest) -> tuple[int | None, str]:
     return r.max_tokens, "max_tokens"
 
 
-def chat_sampling_params(r: ChatCompletionRequest) -> SamplingParams:
+def chat_sampling_params(r: ChatCompletionRequest, tool_constraint: dict | None = None) -> SamplingParams:
+    """`tool_constraint`: the grammar of tool_choice "required" or a named function (serve/tools.py)."""
     _common_checks(r)
     max_tokens, mt_param = chat_max_tokens(r)
     _max_tokens_check(r.max_tokens, "max_tokens")
@@ -255,33 +265,19 @@ def chat_sampling_params(r: ChatCompletionRequest) -> SamplingParams:
             raise ParameterError("top_logprobs", "top_logprobs requires logprobs to be true")
     if r.min_tokens and max_tokens is not None and r.min_tokens > max_tokens:
         raise ParameterError("min_tokens", f"min_tokens ({r.min_tokens}) must be <= {mt_param} ({max_tokens})")
-    _tool_checks(r)
     if r.continue_final_message and r.add_generation_prompt:
         raise ParameterError("continue_final_message", "continue_final_message and add_generation_prompt "
                                                        "cannot both be true")
     if r.echo:
         raise ParameterError("echo", "echo is not supported for chat completions")
     logprobs = (r.top_logprobs or 0) if r.logprobs else None
-    return _sampling(r, max_tokens=max_tokens, logprobs=logprobs)
-
-
-def _tool_checks(r: ChatCompletionRequest) -> None:
-    """Tool calling is not implemented: `tools` is refused unless `tool_choice` is "none" (then the tools are
-    accepted and not shown to the model), and so is every way of asking for a call."""
-    if r.functions:
-        raise ParameterError("functions", "function calling is not supported by this server")
-    if r.function_call not in (None, "none"):
-        raise ParameterError("function_call", "function calling is not supported by this server")
-    if r.tools:
-        if r.tool_choice is None:
-            raise ParameterError("tools", "tool calling is not supported by this server; send tools only with "
-                                          "tool_choice 'none'")
-        if r.tool_choice != "none":
-            raise ParameterError("tool_choice", f"tool_choice {r.tool_choice!r} is not supported by this server "
-                                                "(tool calling is not implemented; only 'none')")
-    elif r.tool_choice not in (None, "none"):
-        raise ParameterError("tool_choice", f"tool_choice {r.tool_choice!r} needs tools, and tool calling is not "
-                                            "supported by this server")
+    constraint, param = request_constraint(r)
+    if tool_constraint is not None:
+        if constraint is not None:
+            raise ParameterError(param, f"{param} cannot be combined with tool_choice 'required' or a named "
+                                        "function (the tool calls' grammar constrains the output)")
+        constraint = make_constraint(tool_constraint, "tools")
+    return _sampling(r, max_tokens=max_tokens, logprobs=logprobs, constraint=constraint)
 
 
 # ---------------------------------------------------------------------------------------------- messages

@@ -114,7 +114,6 @@ class HermesToolParser:
 
     name = "hermes"
     start, end = "<tool_call>", "</tool_call>"
-    keep_special_tokens = True   # Hermes/Qwen tokenizers may mark the tags as special tokens
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         first = text.find(self.start)
@@ -206,7 +205,6 @@ class Llama3JsonToolParser:
 
     name = "llama3_json"
     tag = "<|python_tag|>"
-    keep_special_tokens = True   # <|python_tag|> is a special token
 
     def _body(self, text: str) -> str | None:
         s = text.lstrip()

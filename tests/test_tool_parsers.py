@@ -1,0 +1,196 @@
+"""Tool-call parsers on fixed strings, whole and streamed (split at every position and one character at a
+time: the streamed calls must equal the parsed ones), and the request checks of serve/tools.py and
+serve/structured.py that need no engine."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from strata.core.sampling_params import ParameterError
+from strata.serve.tool_parsers import (Delta, HermesToolParser, Llama3JsonToolParser, NamedCallParser,
+                                       RequiredCallsParser, get_tool_parser)
+from strata.serve.tools import plan_tools, required_schema, template_messages
+
+
+def run_stream(parser, pieces) -> tuple[str, list[dict], list[dict]]:
+    """Feed the pieces; (content, calls [{name, arguments}] rebuilt from the deltas, the raw deltas)."""
+    s = parser.streamer()
+    total = Delta()
+    for piece in pieces:
+        total = total + s.feed(piece)
+    total = total + s.finish()
+    calls: dict[int, dict] = {}
+    for d in total.tool_calls:
+        if "id" in d:
+            assert d["index"] not in calls and d["type"] == "function" and d["id"].startswith("call_")
+            calls[d["index"]] = {"name": d["function"]["name"], "arguments": d["function"]["arguments"]}
+        else:
+            assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}
+            calls[d["index"]]["arguments"] += d["function"]["arguments"]
+    assert sorted(calls) == list(range(len(calls)))
+    return total.content, [calls[i] for i in range(len(calls))], total.tool_calls
+
+
+def splits(text):
+    yield [text]
+    yield list(text)
+    for i in range(1, len(text)):
+        yield [text[:i], text[i:]]
+
+
+def check_whole_and_streamed(parser, text, content, calls):
+    got_content, got_calls = parser.parse(text)
+    assert got_content == content
+    assert [{"name": c.name, "arguments": c.arguments} for c in got_calls] == calls
+    for c in got_calls:
+        assert c.id.startswith("call_") and c.to_openai()["function"]["arguments"] == c.arguments
+    for pieces in splits(text):
+        s_content, s_calls, _ = run_stream(parser, pieces)
+        assert s_calls == calls, pieces
+        if calls:  # streamed content: the text before the first call
+            assert s_content == (content or ""), pieces
+        else:
+            assert s_content == text, pieces
+
+
+ARGS = '{"city": "Pa\\"ris {x}", "days": [1, {"n": 2}], "name": "inner"}'
+
+HERMES = [
+    ("plain answer, no calls", "plain answer, no calls", []),
+    ("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": " + ARGS + "}\n</tool_call>",
+     None, [{"name": "get_weather", "arguments": ARGS}]),
+    ("Let me check.\n<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call>\n"
+     "<tool_call>{\"arguments\": {\"x\": 1}, \"name\": \"b\"}</tool_call>",
+     "Let me check.\n", [{"name": "a", "arguments": "{}"}, {"name": "b", "arguments": '{"x": 1}'}]),
+    # unterminated last block (cut at the end of generation), arguments as an encoded string
+    ('<tool_call>{"name": "c", "arguments": "{\\"q\\": 3}"}', None, [{"name": "c", "arguments": '{"q": 3}'}]),
+    ("a < b <tool", "a < b <tool", []),
+]
+
+
+@pytest.mark.parametrize("text,content,calls", HERMES)
+def test_hermes(text, content, calls):
+    p = get_tool_parser("hermes")
+    assert isinstance(p, HermesToolParser)
+    check_whole_and_streamed(p, text, content, calls)
+
+
+def test_hermes_bad_calls_are_content_whole_but_not_streamed():
+    """Whole: a block that does not parse makes the text content. Streamed, the text after <tool_call> is
+    never content, and a call's header and argument pieces cannot be taken back."""
+    p = HermesToolParser()
+    text = '<tool_call>{"name": "f", "arguments": {"a": </tool_call>'
+    assert p.parse(text) == (text, [])
+    assert run_stream(p, list(text))[:2] == ("", [{"name": "f", "arguments": '{"a": '}])
+    text = '<tool_call>{"arguments": {}}</tool_call>'   # no name: no call
+    assert p.parse(text) == (text, [])
+    assert run_stream(p, list(text))[:2] == ("", [])
+
+
+LLAMA3 = [
+    ('{"name": "f", "parameters": ' + ARGS + '}', None, [{"name": "f", "arguments": ARGS}]),
+    ('  <|python_tag|>{"name": "f", "parameters": {"a": 1}}; {"name": "g", "arguments": {}}', None,
+     [{"name": "f", "arguments": '{"a": 1}'}, {"name": "g", "arguments": "{}"}]),
+    ("The answer is {not a call}", "The answer is {not a call}", []),
+    ("<|not the tag", "<|not the tag", []),
+    ("Hello", "Hello", []),
+]
+
+
+@pytest.mark.parametrize("text,content,calls", LLAMA3)
+def test_llama3_json(text, content, calls):
+    check_whole_and_streamed(get_tool_parser("llama3_json"), text, content, calls)
+
+
+def test_llama3_json_text_after_the_call_is_content():
+    text = '{"name": "f", "parameters": {}} and more words'
+    assert Llama3JsonToolParser().parse(text) == (text, [])
+
+
+def test_required_array():
+    text = '[{"name": "f", "arguments": ' + ARGS + '}, {"name": "g", "arguments": {}}]'
+    check_whole_and_streamed(RequiredCallsParser(), text, None,
+                             [{"name": "f", "arguments": ARGS}, {"name": "g", "arguments": "{}"}])
+    cut = '[{"name": "f", "arguments": {"a": "x'
+    assert RequiredCallsParser().parse(cut) == (cut, [])
+
+
+def test_named_arguments():
+    text = ' \n' + ARGS + '\n '
+    check_whole_and_streamed(NamedCallParser("f"), text, None, [{"name": "f", "arguments": ARGS}])
+    _, _, deltas = run_stream(NamedCallParser("f"), list(text))
+    assert deltas[0]["function"] == {"name": "f", "arguments": ""} and "id" in deltas[0]
+
+
+def test_stream_header_first_then_argument_pieces():
+    text = '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'
+    _, _, deltas = run_stream(HermesToolParser(), list(text))
+    assert deltas[0]["function"] == {"name": "f", "arguments": ""}
+    assert len(deltas) > 3 and all("id" not in d for d in deltas[1:])
+
+
+# ---------------------------------------------------------------------------------------------- tools
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "required": ["city"],
+    "$defs": {"City": {"type": "string", "enum": ["Paris", "Rome"]}}}}},
+    {"type": "function", "function": {"name": "noop"}}]
+
+
+def req(**kw):
+    base = dict(tools=None, tool_choice=None, parallel_tool_calls=None, functions=None, function_call=None)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_plan_tools_choices():
+    assert plan_tools(req(), enable_auto=False, parser_name=None).choice == "none"
+    plan = plan_tools(req(tools=TOOLS, tool_choice="required", parallel_tool_calls=False), enable_auto=False,
+                      parser_name=None)
+    schema = plan.constraint["json"]
+    assert schema["maxItems"] == 1 and schema["$defs"] == {"City": {"type": "string", "enum": ["Paris", "Rome"]}}
+    assert [v["properties"]["name"]["enum"] for v in schema["items"]["anyOf"]] == [["get_weather"], ["noop"]]
+    plan = plan_tools(req(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "noop"}}),
+                      enable_auto=False, parser_name=None)
+    assert plan.choice == "named" and plan.constraint["json"]["properties"] == {}
+    plan = plan_tools(req(tools=TOOLS), enable_auto=True, parser_name="hermes")
+    assert plan.choice == "auto" and isinstance(plan.parser, HermesToolParser) and plan.constraint is None
+
+
+@pytest.mark.parametrize("kw,param", [
+    (dict(tools=TOOLS), "tool_choice"),                       # auto without --enable-auto-tool-choice
+    (dict(tools=TOOLS, tool_choice="sometimes"), "tool_choice"),
+    (dict(tool_choice="required"), "tool_choice"),
+    (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
+    (dict(tools=[{"type": "function", "function": {"name": "bad name"}}], tool_choice="none"),
+     "tools.0.function.name"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}],
+          tool_choice="required"), "tools.0.function.parameters"),
+    (dict(tools=[TOOLS[1], TOOLS[1]], tool_choice="none"), "tools.1.function.name"),
+    (dict(functions=[{"name": "f"}]), "functions"),
+])
+def test_plan_tools_errors_name_the_param(kw, param):
+    with pytest.raises(ParameterError) as e:
+        plan_tools(req(**kw), enable_auto=False, parser_name=None)
+    assert e.value.param == param
+
+
+def test_required_schema_conflicting_defs():
+    other = json.loads(json.dumps(TOOLS[0]))
+    other["function"]["name"] = "other"
+    other["function"]["parameters"]["$defs"]["City"] = {"type": "integer"}
+    with pytest.raises(ParameterError) as e:
+        required_schema([TOOLS[0], other], True)
+    assert e.value.param == "tools.1.function.parameters"
+
+
+def test_template_messages_arguments_become_objects():
+    msgs = [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+    out = template_messages(msgs)
+    assert out[0]["tool_calls"][0]["function"]["arguments"] == {"a": 1} and out[1] == msgs[1]
+    with pytest.raises(ParameterError) as e:
+        template_messages([{"role": "assistant", "content": "", "tool_calls": [
+            {"id": "x", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}])
+    assert e.value.param == "messages.0.tool_calls.0.function.arguments"
