@@ -16,6 +16,11 @@ class PromptTooLongError(ParameterError):
         self.max_model_len = max_model_len
 
 
+class StructuredOutputError(ParameterError):
+    """A structured-output spec (JSON schema, regex, choice, grammar) that is malformed or does not compile;
+    `param` names the field (e.g. "structured_outputs.json"; the server may rename it "response_format")."""
+
+
 class ModelLoadError(StrataError):
     """Missing or corrupt model files, unsupported architecture or quantisation."""
 
@@ -28,5 +33,5 @@ class EngineDeadError(StrataError):
     """The engine (or one of its workers) died; pending requests fail with this."""
 
 
-__all__ = ["StrataError", "ParameterError", "PromptTooLongError", "ModelLoadError",
+__all__ = ["StrataError", "ParameterError", "PromptTooLongError", "StructuredOutputError", "ModelLoadError",
            "UnsupportedArchitectureError", "EngineDeadError"]

@@ -68,6 +68,9 @@ class Request:
         self.slot: int | None = None
         self.stop_reason: int | str | None = None
         self.generator = None  # torch.Generator of a seeded request (set by the engine)
+        # Structured outputs: the request's grammar state (`strata.structured.RequestGrammar`, set by the engine):
+        # admitted once `grammar.ready`; every appended output token is accepted into it.
+        self.grammar = None
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
 

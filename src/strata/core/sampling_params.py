@@ -1,7 +1,9 @@
 """Sampling parameters, validated once at construction (vLLM's names and meanings)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class ParameterError(ValueError):
@@ -10,6 +12,76 @@ class ParameterError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a grammar (vLLM's `StructuredOutputsParams`): exactly one of
+    `json` (a JSON schema: dict, JSON string or pydantic model class), `json_object` (any JSON object),
+    `regex`, `choice` (one of these strings), `grammar` (xgrammar EBNF), `structural_tag` (xgrammar's JSON).
+    Checked here for shape; the grammar itself is checked when the engine takes the request."""
+    json: Any = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    structural_tag: str | dict | None = None
+    disable_any_whitespace: bool = False  # JSON: no free whitespace between tokens (compact output)
+
+    def __post_init__(self) -> None:
+        from strata.core.errors import StructuredOutputError
+        set_ = [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        if len(set_) != 1:
+            names = ", ".join(_KINDS)
+            raise StructuredOutputError("structured_outputs", f"structured_outputs needs exactly one of {names}; "
+                                        f"got {', '.join(set_) or 'none'}")
+        kind = set_[0]
+        param = f"structured_outputs.{kind}"
+        v = getattr(self, kind)
+        if kind == "json":
+            if isinstance(v, type) and hasattr(v, "model_json_schema"):  # a pydantic model class
+                v = v.model_json_schema()
+            elif isinstance(v, (str, bytes)):
+                try:
+                    v = json.loads(v)
+                except ValueError as e:
+                    raise StructuredOutputError(param, f"{param} is not valid JSON: {e}") from None
+            if not isinstance(v, (dict, bool)):
+                raise StructuredOutputError(param, f"{param} must be a JSON schema object, got {type(v).__name__}")
+            self.json = v
+        elif kind == "json_object":
+            if v is not True:
+                raise StructuredOutputError(param, f"{param} must be true, got {v!r}")
+        elif kind == "choice":
+            if (not isinstance(v, (list, tuple)) or not v
+                    or not all(isinstance(c, str) and c for c in v)):
+                raise StructuredOutputError(param, f"{param} must be a non-empty list of non-empty strings")
+            self.choice = list(v)
+        elif kind == "structural_tag":
+            if isinstance(v, str):
+                try:
+                    json.loads(v)
+                except ValueError as e:
+                    raise StructuredOutputError(param, f"{param} is not valid JSON: {e}") from None
+            elif not isinstance(v, dict):
+                raise StructuredOutputError(param, f"{param} must be a JSON string or object")
+        elif not isinstance(v, str) or not v:
+            raise StructuredOutputError(param, f"{param} must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """What a compiled grammar is cached under. JSON keeps its key order (it is the output's order)."""
+        kind = self.kind
+        v = getattr(self, kind)
+        spec = v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+        return kind, spec, self.disable_any_whitespace
 
 
 @dataclass
@@ -36,6 +108,8 @@ class SamplingParams:
     # What step outputs carry: "cumulative" (full text + deltas every step), "delta" (the same; consumers
     # read the deltas), "final" (one output when the request finishes: no per-step work).
     output_kind: str = "cumulative"
+    # Constrain the output to a JSON schema, regex, choice or grammar (a dict is taken as its fields).
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine from the tokenizer/generation_config, not by users.
     eos_token_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -46,6 +120,12 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
+        if isinstance(self.structured_outputs, dict):
+            so = self.structured_outputs
+            unknown = sorted(set(so) - set(StructuredOutputsParams.__dataclass_fields__))
+            if unknown:
+                raise ParameterError("structured_outputs", f"structured_outputs has unknown fields {unknown}")
+            self.structured_outputs = StructuredOutputsParams(**so)
         self.validate()
 
     def validate(self) -> None:
@@ -83,6 +163,9 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 bad("stop", f"entries must be non-empty strings, got {s!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            bad("structured_outputs", f"must be StructuredOutputsParams or a dict, got "
+                                      f"{type(self.structured_outputs).__name__}")
         for t in self.stop_token_ids:
             if not isinstance(t, int) or t < 0:
                 bad("stop_token_ids", f"entries must be non-negative integers, got {t!r}")

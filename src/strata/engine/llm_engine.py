@@ -9,9 +9,15 @@ asks it how many steps may be in flight. With two (async scheduling), a step sch
 while step N still runs on the device, then waits for N and applies it, so each step's outputs come one step()
 later. It steps synchronously (waits for N before scheduling) while a request with a token in flight needs its
 tokens on the host to sample the next one (see `_needs_sync`).
+
+Structured outputs (`strata.structured`): a request's grammar is checked in `add_request` and compiled on a worker
+thread (cached by spec); the scheduler admits it when compiled. A step with a constrained row is launched with its
+sampling held back; once the step before it is applied (every earlier token accepted into the grammars), the
+engine fills the bitmask on the host, while the forward runs, and the handle samples with it (`_sample_grammar`).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from dataclasses import dataclass
 
@@ -119,6 +125,8 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.eos_token_ids = sorted(set(tokenizer.eos_token_ids) | set(model_cfg.eos_token_id))
+        self._grammars = None  # strata.structured.GrammarBackend, made for the first structured request
+        self._compiling: list[Request] = []  # requests whose grammar was not compiled when they were added
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -128,7 +136,17 @@ class LLMEngine:
         return cls(*build(args))
 
     def shutdown(self) -> None:
+        if self._grammars is not None:
+            self._grammars.shutdown()
         self.runner.shutdown()
+
+    @property
+    def grammars(self):
+        """The grammar backend (xgrammar over this engine's tokenizer and the model's vocabulary width)."""
+        if self._grammars is None:
+            from strata.structured import GrammarBackend
+            self._grammars = GrammarBackend(self.tokenizer.hf, self.model_config.vocab_size, self.eos_token_ids)
+        return self._grammars
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
@@ -139,6 +157,8 @@ class LLMEngine:
         ids = prompt_ids(self.tokenizer, self.model_config.vocab_size, self.config.max_model_len, prompt, params)
         room = self.config.max_model_len - len(ids)
         params = params.clone(eos_token_ids=list(self.eos_token_ids))
+        so = params.structured_outputs
+        grammar = self.grammars.prepare(so) if so is not None else None  # a bad spec raises here
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         parent = _Parent(request_id, text, ids, params, arrival)
@@ -146,6 +166,11 @@ class LLMEngine:
             cid = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(cid, ids, params, arrival_time=arrival, max_tokens=max_tokens,
                           parent_id=request_id, index=i, cache_salt=cache_salt)
+            if grammar is not None:
+                from strata.structured import RequestGrammar
+                req.grammar = RequestGrammar(grammar)
+                if not grammar.done():
+                    self._compiling.append(req)
             detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
             parent.children.append(_Child(req, detok))
             self.child_parent[cid] = parent
@@ -183,12 +208,18 @@ class LLMEngine:
     # ---------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
         outputs, self._aborted_outputs = self._aborted_outputs, []
+        if self._compiling:
+            outputs += self._check_compiles()
         if self.async_scheduling:
             return outputs + self._step_async()
         plan = self.scheduler.schedule()
         if plan.empty:
+            self._wait_compiles()
             return outputs
-        return outputs + self._apply(plan, self.runner.execute(plan))
+        handle = self.runner.launch(plan)
+        if handle.needs_grammar:
+            self._sample_grammar(handle)
+        return outputs + self._apply(plan, handle.result())
 
     def _step_async(self) -> list[RequestOutput]:
         """Schedule and launch step N+1, then wait for step N (in flight) and apply it."""
@@ -198,11 +229,66 @@ class LLMEngine:
             outputs += self._apply(prev[0], prev[1].result())
             prev = None
         plan = self.scheduler.schedule(in_flight=prev is not None)
+        handle = None
         if not plan.empty:
-            self.in_flight = (plan, self.runner.launch(plan))
+            handle = self.runner.launch(plan)
+            self.in_flight = (plan, handle)
         if prev is not None:
             outputs += self._apply(prev[0], prev[1].result())
+        if handle is not None and handle.needs_grammar:  # the forward runs while the bitmask is filled
+            self._sample_grammar(handle)
+        if handle is None and prev is None:
+            self._wait_compiles()
         return outputs
+
+    # ---------------------------------------------------------------- structured outputs
+    def _sample_grammar(self, handle: StepHandle) -> None:
+        """Fill the grammar bitmask of the step's constrained rows (their grammars have accepted every earlier
+        token) and let the handle sample. Rows of requests that ended meanwhile are left free: their token is
+        dropped when the step is applied."""
+        rows, grammars = [], []
+        running = self.scheduler.requests
+        for i, rid in enumerate(handle.sample_ids):
+            req = running.get(rid)
+            if req is not None and req.grammar is not None and not req.is_finished \
+                    and not req.grammar.is_terminated():
+                rows.append(i)
+                grammars.append(req.grammar)
+        backend = self.grammars
+        bitmask = backend.new_bitmask(len(rows), pin=self.runner.device.type == "cuda")
+        if rows:
+            backend.fill_bitmask(grammars, bitmask)
+        handle.sample(rows, bitmask)
+
+    def _check_compiles(self) -> list[RequestOutput]:
+        """Requests whose grammar failed to compile end with finish_reason "error"."""
+        still, failed = [], []
+        for req in self._compiling:
+            fut = req.grammar.future
+            if not fut.done():
+                still.append(req)
+            elif fut.exception() is not None and not req.is_finished:
+                failed.append(req)
+        self._compiling = still
+        outputs = []
+        for req in failed:
+            parent = self.child_parent.get(req.request_id)
+            req.stop_reason = f"grammar compilation failed: {req.grammar.error}"
+            if parent is not None and req in parent.pending:
+                parent.pending.remove(req)
+            self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+            if parent is not None:
+                parent.children[req.index].finish_reason = "error"
+                if parent.finished:
+                    outputs.append(self._make_output(parent))
+                    self._drop(parent)
+        return outputs
+
+    def _wait_compiles(self) -> None:
+        """Nothing to run but grammars compile: wait for one (briefly) instead of spinning."""
+        futs = [r.grammar.future for r in self._compiling]
+        if futs and not self.scheduler.running:
+            concurrent.futures.wait(futs, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def _needs_sync(self) -> bool:
         """Whether the next step must wait for the one in flight: a request whose token is still on the

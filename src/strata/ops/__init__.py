@@ -26,6 +26,7 @@ __all__ = [
     "silu_and_mul",
     "rotary_embedding",
     "qkv_epilogue",
+    "apply_token_bitmask",
     "triton_available",
     "use_triton",
 ]
@@ -116,6 +117,13 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if use_triton(q):
         return _tk.rotary_embedding(positions, q, k, cos_sin_cache, head_dim)
     return ref.rotary_embedding(positions, q, k, cos_sin_cache, head_dim)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Structured outputs: forbidden tokens of logits[rows] to -inf, in place (see ref.apply_token_bitmask)."""
+    if use_triton(logits):
+        return _tk.apply_token_bitmask(logits, bitmask, rows)
+    return ref.apply_token_bitmask(logits, bitmask, rows)
 
 
 # The fused epilogue is checked against the composition of the unfused kernels on the real device once, at

@@ -180,3 +180,19 @@ def qkv_epilogue(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torc
     cache(k.reshape(T, num_kv_heads, head_dim), v.reshape(T, num_kv_heads, head_dim), k_cache, v_cache,
           slot_mapping)
     return q
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Structured outputs: logits [B, V] (edited in place and returned), bitmask [K, W] int32 (bit t % 32 of
+    word t // 32 set: token t allowed), rows [K] int64: the logits row of each bitmask row. Tokens not
+    allowed, and columns past W * 32 (padded vocabulary rows), become -inf."""
+    K, W = bitmask.shape
+    V = logits.shape[1]
+    if K == 0:
+        return logits
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(K, W * 32).bool()  # [K, W * 32]
+    if W * 32 < V:
+        allowed = torch.cat([allowed, allowed.new_zeros(K, V - W * 32)], dim=1)
+    logits[rows] = logits[rows].masked_fill(~allowed[:, :V], float("-inf"))
+    return logits

@@ -145,9 +145,9 @@ class ModelRunner:
         batch = SamplingBatch([self.requests[c.request_id] for c in sample_chunks]) if sample_chunks else None
         greedy_ids = (batch is not None and self.link.pp_size > 1 and self.greedy_on_last_stage
                       and batch.all_greedy and not batch.any_penalty and not batch.any_min_tokens
-                      and batch.max_logprobs is None)
+                      and batch.max_logprobs is None and not batch.any_structured)
         parts, graphed = self._run_stage(chunks, num_decodes, greedy_ids)
-        tokens = lps = None
+        tokens = lps = logits = None
         if sample_chunks and self.link.is_driver:
             rows = parts[0] if len(parts) == 1 else torch.cat(parts)  # in sampling order
             if greedy_ids:
@@ -156,23 +156,36 @@ class ModelRunner:
                 logits = rows  # [rows, vocab]
                 if self.logits_hook is not None:
                     self.logits_hook(logits)
-                tokens, lps = self.sampler.sample(logits, batch)
-        if sample_chunks and self.link.pp_size == 1:
-            if self.share_sampled:
-                tokens_here = self.link.share_sampled(tokens, len(sample_chunks))
-            else:
-                tokens_here = tokens
-            if tokens_here is not None:
-                slots = to_device([self.requests[c.request_id].slot for c in sample_chunks], torch.int64,
-                                  self.device)
-                self.last_sampled.index_copy_(0, slots, tokens_here)
+                if not batch.any_structured:
+                    tokens, lps = self.sampler.sample(logits, batch)
+                    logits = None
+        handle = StepHandle(self, plan, sample_chunks, batch)
+        if logits is not None:
+            # Structured outputs: the engine fills the grammar bitmask on the host (for the step before this one
+            # applied: with async scheduling while this step's forward runs) and calls handle.sample.
+            handle.logits = logits
+        else:
+            self._sampled(handle, tokens, lps)
         kind = ("decode_graph" if graphed else "decode_eager" if num_decodes == len(chunks)
                 else "mixed" if num_decodes else "prefill")
         st = self.step_stats.setdefault(kind, [0, 0.0, 0])
         st[0] += 1
         st[1] += time.perf_counter() - t0
         st[2] += plan.num_batched_tokens
-        return StepHandle(plan, sample_chunks, batch, tokens, lps, st)
+        handle.stats = st
+        return handle
+
+    def _sampled(self, handle: "StepHandle", tokens: torch.Tensor | None, lps: tuple | None) -> None:
+        """After sampling (or, on other ranks, in its place): keep the ids per slot on the device, share them
+        with the TP group under overlapped steps, and start their copy to the host."""
+        sample_chunks = handle.sample_chunks
+        if sample_chunks and self.link.pp_size == 1:
+            tokens_here = self.link.share_sampled(tokens, len(sample_chunks)) if self.share_sampled else tokens
+            if tokens_here is not None:
+                slots = to_device([self.requests[c.request_id].slot for c in sample_chunks], torch.int64,
+                                  self.device)
+                self.last_sampled.index_copy_(0, slots, tokens_here)
+        handle.set_tokens(tokens, lps)
 
     def _run_stage(self, chunks: list[ScheduledChunk], num_decodes: int,
                    greedy_ids: bool) -> tuple[list[torch.Tensor], bool]:
@@ -247,15 +260,47 @@ class ModelRunner:
 class StepHandle:
     """A launched step. Its sampled ids (and logprobs) are copied to pinned host memory behind the step,
     with an event recorded after the copy; `result()` waits for that event only. A rank that does not sample
-    holds no tokens and its result is empty."""
+    holds no tokens and its result is empty.
 
-    def __init__(self, plan: StepPlan, sample_chunks: list[ScheduledChunk], batch: SamplingBatch | None,
-                 tokens: torch.Tensor | None, lps: tuple | None, stats: list):
-        self.plan, self.batch, self.stats = plan, batch, stats
+    Structured outputs (the driver, a step with a constrained row): the forward is queued but sampling waits
+    for the grammar bitmask: `needs_grammar` is true, `sample_ids` are the request ids of the logits rows, and
+    the engine calls `sample(rows, bitmask)` before `result()`."""
+
+    def __init__(self, runner: ModelRunner, plan: StepPlan, sample_chunks: list[ScheduledChunk],
+                 batch: SamplingBatch | None):
+        self.runner, self.plan, self.sample_chunks, self.batch = runner, plan, sample_chunks, batch
+        self.stats = [0, 0.0, 0]
         self.event = None
+        self.logits: torch.Tensor | None = None  # [rows, V] waiting for the grammar bitmask
+        self.tokens = self.lps = None
         # position in sample_chunks of each sampling chunk, in plan order
         by_chunk = {id(c): i for i, c in enumerate(sample_chunks)}
         self.order = [by_chunk[id(c)] for c in plan.chunks if c.sample]
+
+    @property
+    def needs_grammar(self) -> bool:
+        return self.logits is not None
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [c.request_id for c in self.sample_chunks]
+
+    @torch.inference_mode()
+    def sample(self, rows: list[int], bitmask: torch.Tensor) -> None:
+        """Sample the held logits with rows[i]'s tokens limited to bitmask[i] ([len(rows), W] int32, host)."""
+        t0 = time.perf_counter()
+        r = self.runner
+        logits, self.logits = self.logits, None
+        grammar = None
+        if rows:
+            dev = r.device
+            mask = bitmask.to(dev, non_blocking=True) if dev.type == "cuda" else bitmask.to(dev)
+            grammar = (to_device(rows, torch.int64, dev), mask)
+        tokens, lps = r.sampler.sample(logits, self.batch, grammar)
+        r._sampled(self, tokens, lps)
+        self.stats[1] += time.perf_counter() - t0
+
+    def set_tokens(self, tokens: torch.Tensor | None, lps: tuple | None) -> None:
         if tokens is not None and tokens.is_cuda:
             tokens, lps = _to_host(tokens), (tuple(_to_host(t) for t in lps) if lps is not None else None)
             self.event = torch.cuda.Event()
@@ -263,6 +308,7 @@ class StepHandle:
         self.tokens, self.lps = tokens, lps
 
     def result(self) -> StepResult:
+        assert self.logits is None, "a step with structured outputs was not sampled (StepHandle.sample)"
         t0 = time.perf_counter()
         if self.event is not None:
             self.event.synchronize()

@@ -9,6 +9,11 @@ Sampling is the exponential-race form of categorical sampling: argmax(p / E), E 
 waits for the device: per-row parameters travel through pinned, non-blocking copies (`to_device`). That is
 what lets the engine schedule the next step while this one runs (async scheduling).
 
+Structured outputs: `sample(..., grammar=(rows, bitmask))` sets the tokens a row's grammar forbids to -inf
+(`ops.apply_token_bitmask`, one kernel) after min_tokens and penalties and before anything picks a token; the
+bitmask was filled on the host by the engine (`strata.structured`). min_tokens does not ban EOS on such rows:
+the grammar decides when the output may end.
+
 A row is anything with a request's sampling view: `params`, `generator`, `all_token_ids`, `output_token_ids`,
 `num_output_tokens` (the runner's `RunnerRequest`; tests pass `core.request.Request`).
 """
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from strata import ops
 from strata.runner.inputs import to_device
 
 
@@ -29,7 +35,9 @@ class SamplingBatch:
         ps = [r.params for r in self.requests]
         self.all_greedy = all(p.greedy for p in ps)
         self.any_penalty = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in ps)
-        self.any_min_tokens = any(r.num_output_tokens < r.params.min_tokens for r in self.requests)
+        self.any_structured = any(p.structured_outputs is not None for p in ps)
+        self.any_min_tokens = any(r.num_output_tokens < r.params.min_tokens and r.params.structured_outputs is None
+                                  for r in self.requests)
         self.max_logprobs = max((p.logprobs for p in ps if p.logprobs is not None), default=None)
 
 
@@ -101,27 +109,34 @@ class Sampler:
         self.device = torch.device(device)
 
     @torch.no_grad()
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch):
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, grammar: tuple | None = None):
         """logits: [B, V] -> (token ids [B] as a list, logprobs per row or None)."""
-        tokens, lps = self.sample(logits, batch)
+        tokens, lps = self.sample(logits, batch, grammar)
         return tokens.tolist(), host_logprobs(lps, batch)
 
     @torch.no_grad()
-    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, tuple | None]:
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch,
+               grammar: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple | None]:
         """logits: [B, V] -> (token ids [B] int64 on the device, logprob tensors or None), the latter
-        (chosen [B], top values [B, N], top ids [B, N]) for `host_logprobs`."""
+        (chosen [B], top values [B, N], top ids [B, N]) for `host_logprobs`. `grammar`: (rows [K] int64,
+        bitmask [K, ceil(V / 32)] int32) on the device, the allowed tokens of K constrained rows."""
+        owned = logits.dtype != torch.float32  # .float() below copies
         logits = logits.float()
         reqs = batch.requests
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs is not None else None
         if batch.any_min_tokens:
             logits = logits.clone()
             for i, r in enumerate(reqs):
-                if r.num_output_tokens < r.params.min_tokens:
+                if r.num_output_tokens < r.params.min_tokens and r.params.structured_outputs is None:
                     banned = list(r.params.stop_token_ids) + ([] if r.params.ignore_eos else list(r.params.eos_token_ids))
                     if banned:
                         logits[i, banned] = float("-inf")
         if batch.any_penalty:
             logits = apply_penalties(logits.clone() if not batch.any_min_tokens else logits, reqs)
+        if grammar is not None and grammar[0].numel():
+            if not (owned or batch.any_min_tokens or batch.any_penalty):
+                logits = logits.clone()  # (raw_logprobs and the model's output stay unmasked)
+            ops.apply_token_bitmask(logits, grammar[1], grammar[0])
         if batch.all_greedy:
             tokens = logits.argmax(dim=-1)
         else:
@@ -149,5 +164,8 @@ class Sampler:
         for i, r in enumerate(reqs):
             if r.generator is not None:
                 noise[i] = torch.empty(V, device=dev).exponential_(generator=r.generator)
-        sampled = (probs / noise).argmax(dim=-1)
+        scores = probs / noise
+        if any(r.params.structured_outputs is not None for r in reqs):
+            scores.masked_fill_(probs == 0, -1.0)  # a zero draw on a forbidden token (0 / 0) never wins
+        sampled = scores.argmax(dim=-1)
         return torch.where(greedy_rows, greedy_tokens, sampled)

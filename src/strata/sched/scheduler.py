@@ -101,10 +101,15 @@ class Scheduler:
             return max(self.running, key=lambda r: (r.priority, r.arrival_time))
         return self.running[-1]
 
-    def _next_waiting(self) -> Request:
+    def _next_waiting(self) -> Request | None:
+        """The next request to admit; one whose grammar is still compiling waits (the others go on)."""
         if self.policy == "priority":
-            return min(self.waiting, key=lambda r: (r.priority, r.arrival_time))
-        return self.waiting[0]
+            ready = [r for r in self.waiting if r.grammar is None or r.grammar.ready]
+            return min(ready, key=lambda r: (r.priority, r.arrival_time)) if ready else None
+        head = self.waiting[0]
+        if head.grammar is None or head.grammar.ready:
+            return head
+        return next((r for r in self.waiting if r.grammar is None or r.grammar.ready), None)
 
     # ---- the step ----
     def _at_limit(self, req: Request) -> bool:
@@ -182,6 +187,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted_now and not plan.blocked
                and len(self.running) < self.max_num_seqs):
             req = self._next_waiting()
+            if req is None:
+                break
             blocks, n_cached = self.kv.get_computed_blocks(req)
             n = req.num_tokens - n_cached
             if n > budget and not self.chunked:
@@ -226,6 +233,10 @@ class Scheduler:
                 continue
             req.output_token_ids.append(tok)
             sampled.append(req)
+            if req.grammar is not None and not req.grammar.accept(tok):
+                req.stop_reason = "grammar rejected a sampled token"
+                self.finish(req, RequestStatus.FINISHED_ERROR)
+                continue
             status = self._check_stop(req, tok)
             if status is not None:
                 self.finish(req, status)
@@ -234,6 +245,9 @@ class Scheduler:
     def _check_stop(self, req: Request, tok: int) -> RequestStatus | None:
         p = req.params
         n_out = req.num_output_tokens
+        if req.grammar is not None and req.grammar.is_terminated():  # the grammar's end (after its stop token)
+            req.stop_reason = None
+            return RequestStatus.FINISHED_STOPPED
         if n_out >= p.min_tokens:
             if not p.ignore_eos and tok in p.eos_token_ids:
                 req.stop_reason = None

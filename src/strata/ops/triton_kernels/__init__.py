@@ -4,6 +4,7 @@ Import this package only after deciding to use Triton (it imports triton). On CP
 `TRITON_INTERPRET=1`, which must be set before triton is first imported.
 """
 from strata.ops.triton_kernels.activation import silu_and_mul
+from strata.ops.triton_kernels.bitmask import apply_token_bitmask
 from strata.ops.triton_kernels.cache import reshape_and_cache
 from strata.ops.triton_kernels.decode_attention import paged_decode_attention
 from strata.ops.triton_kernels.norm import fused_add_rms_norm, rms_norm
@@ -12,6 +13,7 @@ from strata.ops.triton_kernels.epilogue import qkv_epilogue
 from strata.ops.triton_kernels.rotary import rotary_embedding
 
 __all__ = [
+    "apply_token_bitmask",
     "reshape_and_cache",
     "paged_decode_attention",
     "paged_prefill_attention",

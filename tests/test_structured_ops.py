@@ -1,0 +1,99 @@
+"""The grammar bitmask on the logits: the Triton kernel against its torch twin (CPU, TRITON_INTERPRET=1), and
+masked sampling never picking a masked token (property test over the sampler's parameters)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from strata.core.sampling_params import SamplingParams, StructuredOutputsParams
+from strata.ops import ref
+from strata.runner.sampler import Sampler, SamplingBatch
+
+try:
+    import triton  # noqa: F401
+    from strata.ops import triton_kernels as tk
+    _TRITON_ERR = None
+except Exception as e:  # pragma: no cover - depends on the environment
+    _TRITON_ERR = e
+
+
+def pack(allowed: torch.Tensor) -> torch.Tensor:
+    """[K, V] bool -> [K, ceil(V / 32)] int32 bitmask (bit t % 32 of word t // 32)."""
+    K, V = allowed.shape
+    W = (V + 31) // 32
+    bits = torch.zeros(K, W * 32, dtype=torch.int64)
+    bits[:, :V] = allowed.long()
+    words = (bits.view(K, W, 32) << torch.arange(32)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+@pytest.mark.skipif(_TRITON_ERR is not None, reason=f"triton not importable: {_TRITON_ERR!r}")
+@pytest.mark.parametrize("B,V,rows,dtype", [(4, 100, [0, 2], torch.float32), (3, 4097, [2, 0, 1], torch.float32),
+                                            (5, 64, [4], torch.bfloat16), (2, 77, [], torch.float32)])
+def test_bitmask_kernel_matches_twin(B, V, rows, dtype):
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(B, V, generator=g).to(dtype)
+    allowed = torch.rand(len(rows), V, generator=g) < 0.3
+    bitmask = pack(allowed)
+    r = torch.tensor(rows, dtype=torch.int64)
+    a = tk.apply_token_bitmask(logits.clone(), bitmask, r)
+    b = ref.apply_token_bitmask(logits.clone(), bitmask, r)
+    assert torch.equal(a, b)
+    for k, row in enumerate(rows):  # masked -> -inf, the rest untouched
+        assert torch.isinf(b[row][~allowed[k]]).all() and torch.equal(b[row][allowed[k]], logits[row][allowed[k]])
+    untouched = [i for i in range(B) if i not in rows]
+    assert torch.equal(b[untouched], logits[untouched])
+
+
+@pytest.mark.skipif(_TRITON_ERR is not None, reason=f"triton not importable: {_TRITON_ERR!r}")
+def test_bitmask_masks_padded_vocab_columns():
+    """A bitmask narrower than the logits (the model's embedding is padded past the tokenizer): columns past
+    W * 32 are never allowed, by both implementations."""
+    logits = torch.zeros(2, 100)
+    bitmask = torch.full((1, 2), -1, dtype=torch.int32)  # 64 tokens, all allowed
+    for f in (ref.apply_token_bitmask, tk.apply_token_bitmask):
+        out = f(logits.clone(), bitmask, torch.tensor([1]))
+        assert (out[1, :64] == 0).all() and torch.isinf(out[1, 64:]).all() and (out[0] == 0).all()
+
+
+class Row:
+    """The sampler's view of a request."""
+
+    def __init__(self, params: SamplingParams, generator=None):
+        self.params, self.generator = params, generator
+        self.all_token_ids, self.output_token_ids, self.num_output_tokens = [1, 2], [], 0
+
+
+SO = StructuredOutputsParams(regex="a+")
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), B=st.integers(1, 6), V=st.integers(2, 300))
+def test_masked_sampling_never_picks_a_masked_token(data, B, V):
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    logits = torch.randn(B, V, generator=g) * data.draw(st.sampled_from([0.1, 1.0, 30.0]))
+    rows, reqs = [], []
+    for i in range(B):
+        constrained = data.draw(st.booleans())
+        p = SamplingParams(temperature=data.draw(st.sampled_from([0.0, 0.5, 1.0, 2.0])),
+                           top_k=data.draw(st.sampled_from([-1, 1, 5])), top_p=data.draw(st.sampled_from([1.0, 0.5])),
+                           min_p=data.draw(st.sampled_from([0.0, 0.2])), min_tokens=data.draw(st.sampled_from([0, 3])),
+                           seed=data.draw(st.sampled_from([None, 7])), eos_token_ids=[0],
+                           structured_outputs=SO if constrained else None)
+        gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+        reqs.append(Row(p, gen))
+        if constrained:
+            rows.append(i)
+    allowed = torch.rand(len(rows), V, generator=g) < data.draw(st.sampled_from([0.01, 0.3, 0.9]))
+    for k in range(len(rows)):  # at least one allowed token, sometimes only the worst one
+        if not allowed[k].any():
+            allowed[k, int(logits[rows[k]].argmin())] = True
+    grammar = (torch.tensor(rows, dtype=torch.int64), pack(allowed))
+    tokens, _ = Sampler(seed=3).sample(logits.clone(), SamplingBatch(reqs), grammar)
+    for k, i in enumerate(rows):
+        assert allowed[k, tokens[i]], f"row {i} picked masked token {int(tokens[i])}"
