@@ -150,7 +150,8 @@ def build_app(state: ServerState) -> FastAPI:
                 kwargs["tools"] = check_tools(req.tools)
             text = tok.render_chat(msgs, add_generation_prompt=req.add_generation_prompt and
                                    not req.continue_final_message,
-                                   continue_final_message=req.continue_final_message, kwargs=kwargs)
+                                   continue_final_message=req.continue_final_message,
+                                   chat_template=req.chat_template, kwargs=kwargs)
             ids = tok.encode(text, bool(req.add_special_tokens))
         out = {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
         if req.return_token_strs:
