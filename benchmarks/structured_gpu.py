@@ -1,0 +1,189 @@
+"""Structured outputs on one GPU (issue 20's figures), in one call and one engine:
+
+  1. time to first compile: the grammar backend's set-up (xgrammar's tokenizer info) and the first compile of
+     the 6-field schema, cold;
+  2. sharegpt1000, unconstrained (EOS ignored, each request its own output length) vs every request under the
+     6-field JSON schema (max_tokens = the request's output length), alternating, `--rounds` times:
+     output tok/s of each, their ratio (issue: >= 0.90), and the schema-valid rate of the constrained rows that
+     ended by the grammar (finish "stop"; issue: 100%) checked with jsonschema;
+  3. batch 1: time per output token with the schema vs without (1024-token prompt, 128 output tokens; the schema's
+     long string field keeps a constrained request going to max_tokens), median of `--latency-iters`;
+  4. compile cost of a 50-field schema (cold, distinct field names each time), median of 5.
+
+    python benchmarks/structured_gpu.py --out $OUT/structured.json                 # H200: Qwen3-4B arch, dummy bf16
+    python benchmarks/structured_gpu.py --smoke --out /tmp/structured-smoke.json   # CPU, seconds
+
+The GPU machine has no network: xgrammar must be carried (`pip download xgrammar==0.2.9 apache-tvm-ffi
+--no-deps -d .carry/wheels`, then there `pip install --no-deps .carry/wheels/*.whl`); without it this script
+says so and exits 2. Workloads and tokenizer as benchmarks/ab_trees.py (.carry/workloads, .carry/tok).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ab_trees import (GPU_ENGINE_ARGS, SMOKE_ENGINE_ARGS, _load_records, _random_records,  # noqa: E402
+                      find_tokenizer, find_workloads)
+
+SCHEMA6 = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "email": {"type": "string", "pattern": "^[a-z0-9.]{1,20}@[a-z]{1,12}\\.(com|org|net)$"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4},
+        "active": {"type": "boolean"},
+        "score": {"type": "integer", "minimum": 0, "maximum": 100},
+    },
+    "required": ["name", "age", "email", "tags", "active", "score"],
+    "additionalProperties": False,
+}
+LONG = {"type": "object", "properties": {"text": {"type": "string", "minLength": 4000}}, "required": ["text"]}
+
+
+def schema50(tag: str) -> dict:
+    kinds = [{"type": "string", "maxLength": 32}, {"type": "integer", "minimum": 0, "maximum": 1000},
+             {"type": "number"}, {"type": "boolean"}, {"enum": ["a", "b", "c"]},
+             {"type": "array", "items": {"type": "integer"}, "maxItems": 5},
+             {"type": "object", "properties": {"x": {"type": "string"}, "y": {"type": "integer"}},
+              "required": ["x", "y"]}]
+    props = {f"{tag}_field_{i}": kinds[i % len(kinds)] for i in range(50)}
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
+def need_xgrammar() -> str:
+    try:
+        import xgrammar
+    except ImportError:
+        print("error: xgrammar is not installed here (this machine has no network). Carry the wheels: on a machine "
+              "with PyPI `pip download xgrammar==0.2.9 apache-tvm-ffi --no-deps -d .carry/wheels`, then here "
+              "`pip install --no-deps .carry/wheels/*.whl`", file=sys.stderr)
+        raise SystemExit(2)
+    return xgrammar.__version__ if hasattr(xgrammar, "__version__") else "?"
+
+
+def run(llm, records, so) -> dict:
+    import jsonschema
+    from strata.core.sampling_params import SamplingParams
+    prompts = [r["prompt_ids"] for r in records]
+    if so is None:
+        params = [SamplingParams(max_tokens=int(r["output_len"]), temperature=0.0, ignore_eos=True) for r in records]
+    else:
+        params = [SamplingParams(max_tokens=int(r["output_len"]), temperature=0.0, structured_outputs=so)
+                  for r in records]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    toks = sum(len(o.outputs[0].token_ids) for o in outs)
+    res = {"wall_s": wall, "output_tokens": toks, "output_tok_s": toks / wall, "requests": len(outs)}
+    if so is not None:
+        stop = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
+        valid = 0
+        for c in stop:
+            try:
+                jsonschema.validate(json.loads(c.text), so.json)
+                valid += 1
+            except (ValueError, jsonschema.ValidationError):
+                pass
+        res.update(finished_by_grammar=len(stop), schema_valid=valid,
+                   schema_valid_rate=valid / len(stop) if stop else None,
+                   finish_reasons={r: sum(o.outputs[0].finish_reason == r for o in outs) for r in ("stop", "length")})
+    return res
+
+
+def tpot(llm, prompt, so, iters: int, out_len: int) -> dict:
+    from strata.core.sampling_params import SamplingParams
+    p = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=so is None, structured_outputs=so)
+    vals = []
+    for _ in range(iters + 1):
+        o = llm.generate([prompt], p, use_tqdm=False)[0]
+        m, n = o.metrics, len(o.outputs[0].token_ids)
+        if n > 1:
+            vals.append((m.finished_time - m.first_token_time) / (n - 1) * 1e3)
+    vals = vals[1:]  # the first is a warm-up
+    return {"tpot_ms": statistics.median(vals), "tpot_ms_iterations": vals, "output_tokens": n}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few requests")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--latency-iters", type=int, default=5)
+    ap.add_argument("--workloads", default=None)
+    ap.add_argument("--tokenizer", default=None)
+    args = ap.parse_args()
+    version = need_xgrammar()
+    from strata import bench_cli
+    from strata.bench.engine_run import build_llm, engine_args_for, warmup
+    from strata.core.sampling_params import StructuredOutputsParams as SO
+    tok = find_tokenizer(args.tokenizer, args.smoke)
+    eargs = (SMOKE_ENGINE_ARGS if args.smoke else GPU_ENGINE_ARGS) + (["--tokenizer", tok] if tok else [])
+    parser = argparse.ArgumentParser()
+    bench_cli.register(parser.add_subparsers(dest="cmd"))
+    ea, _, notes = engine_args_for(parser.parse_args(["bench", "latency", *eargs]))
+    llm, load_s = build_llm(ea)
+    eng = llm.engine
+    wl = find_workloads(args.workloads)
+    if args.smoke or wl is None:
+        if not args.smoke:
+            raise SystemExit("error: no workloads (.carry/workloads); `python benchmarks/run.py carry`")
+        records = _random_records(8, 32, 24, 49152, 0)
+    else:
+        records = _load_records(os.path.join(wl, "sharegpt1000.json"))
+    out: dict = {"xgrammar": version, "engine_args": eargs, "notes": notes, "load_s": load_s,
+                 "device": str(eng.config.device), "async_scheduling": eng.async_scheduling,
+                 "vocab_size": eng.model_config.vocab_size, "tokenizer_size": len(eng.tokenizer.hf)}
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+    so6 = SO(json=SCHEMA6, disable_any_whitespace=True)  # compact: random weights would pad with whitespace
+    t = time.perf_counter()
+    backend = eng.grammars
+    out["backend_setup_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    backend.compile_now(so6)
+    out["first_compile_s"] = time.perf_counter() - t
+    print(f"backend set-up {out['backend_setup_s']:.3f} s, first compile (6 fields) {out['first_compile_s']:.3f} s",
+          file=sys.stderr, flush=True)
+    out["warmup_s"] = warmup(llm, records, n=8)
+    out["rounds"] = []
+    for r in range(args.rounds):
+        free = run(llm, records, None)
+        con = run(llm, records, so6)
+        out["rounds"].append({"unconstrained": free, "schema": con})
+        print(f"round {r}: unconstrained {free['output_tok_s']:.1f} tok/s, schema {con['output_tok_s']:.1f} tok/s, "
+              f"valid {con['schema_valid']}/{con['finished_by_grammar']}", file=sys.stderr, flush=True)
+        save()
+    best_free = max(x["unconstrained"]["output_tok_s"] for x in out["rounds"])
+    best_con = max(x["schema"]["output_tok_s"] for x in out["rounds"])
+    out["sharegpt_ratio_best"] = best_con / best_free
+    n_in, n_out = (64, 16) if args.smoke else (1024, 128)
+    prompt = list(range(100, 100 + n_in))
+    out["batch1"] = {"unconstrained": tpot(llm, prompt, None, args.latency_iters, n_out),
+                     "schema": tpot(llm, prompt, SO(json=LONG), args.latency_iters, n_out)}
+    b = out["batch1"]
+    out["batch1"]["ratio"] = b["schema"]["tpot_ms"] / b["unconstrained"]["tpot_ms"]
+    save()
+    costs = []
+    for i in range(5):
+        so = SO(json=schema50(f"r{i}"))
+        t = time.perf_counter()
+        backend.compile_now(so)
+        costs.append(time.perf_counter() - t)
+    out["compile_50_fields_s"] = {"median": statistics.median(costs), "all": costs}
+    save()
+    print(json.dumps({k: out[k] for k in ("first_compile_s", "sharegpt_ratio_best", "compile_50_fields_s")}),
+          f"batch1 ratio {b['ratio']:.3f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
