@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator, Protocol
 from strata.batch.jobs import CONFIG_ERRORS, ErrorItem, Job, JobBuilder, error_row, job_error_row, result_row
 from strata.batch.output import KeySet, RowWriter
 from strata.batch.progress import Progress
+from strata.batch.structured import check_row
 from strata.batch.readers import Record, RowError
 from strata.core.sampling_params import ParameterError
 
@@ -344,7 +345,7 @@ def run_jobs(engine: EngineLike, items: Iterable[Job | ErrorItem], writer: RowWr
                 job = pending.pop(o.request_id, None)
                 if job is None:
                     continue
-                row = result_row(job, o, model_name)
+                row = check_row(result_row(job, o, model_name), job.params, o)
                 writer.write(row)
                 if row.get("error") is not None or (isinstance(row.get("response"), dict)
                                                     and row["response"].get("status_code") != 200):
