@@ -178,3 +178,11 @@ def check_fused_qkv_epilogue(device: torch.device, dtype: torch.dtype, num_heads
     return ok
 
 
+
+
+# ---- FP8 linear layers (docs/QUANTIZATION.md). The twin dequantises on every call (correct, not fast); a GPU
+# kernel (torch._scaled_mm / Triton) takes this signature's place later.
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               block_size: tuple[int, int] | None = None, input_scale: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, act_group: int | None = None) -> torch.Tensor:
+    return ref.fp8_linear(x, weight, weight_scale, block_size, input_scale, bias, act_group)

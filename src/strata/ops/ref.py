@@ -196,3 +196,57 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
         allowed = torch.cat([allowed, allowed.new_zeros(K, V - W * 32)], dim=1)
     logits[rows] = logits[rows].masked_fill(~allowed[:, :V], float("-inf"))
     return logits
+
+
+# ---- FP8 (e4m3) linear layers: the twins of the FP8 GEMM kernels (weights stay float8_e4m3fn in memory) ----
+FP8_E4M3_MAX = 448.0
+
+
+def fp8_dequantize(weight: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] | None) -> torch.Tensor:
+    """weight [N, K] float8_e4m3fn -> float32. scale: [N] (per output row; a per-tensor scale is stored per row)
+    or, with block_size (bn, bk), [ceil(N / bn), ceil(K / bk)] (a partial last block is allowed)."""
+    N, K = weight.shape
+    w = weight.float()
+    s = scale.float()
+    if block_size is None:
+        return w * s.reshape(-1, 1)
+    bn, bk = block_size
+    s = s.repeat_interleave(bn, dim=0)[:N].repeat_interleave(bk, dim=1)[:, :K]
+    return w * s
+
+
+def fp8_quant_dequant(x: torch.Tensor, input_scale: torch.Tensor | None = None,
+                      group: int | None = None) -> torch.Tensor:
+    """x quantised to e4m3 and back (float32), as the FP8 GEMM quantises its activations: with `input_scale`
+    one static scale; else dynamic, one scale per token (row), or per token and `group` consecutive columns."""
+    xf = x.float()
+    if input_scale is not None:
+        s = input_scale.float().reshape(())
+        return (xf / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float() * s
+    if group is None:
+        s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_E4M3_MAX
+        return (xf / s).to(torch.float8_e4m3fn).float() * s
+    T, K = xf.shape
+    pad = (-K) % group
+    g = F.pad(xf, (0, pad)).view(T, -1, group)
+    s = g.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_E4M3_MAX
+    return ((g / s).to(torch.float8_e4m3fn).float() * s).view(T, K + pad)[:, :K]
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               block_size: tuple[int, int] | None = None, input_scale: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, act_group: int | None = None) -> torch.Tensor:
+    """y = quant(x) @ dequant(weight).T (+ bias) in float32, returned in x's dtype. x [T, K]; weight [N, K] e4m3;
+    weight_scale per `fp8_dequantize`; activations per `fp8_quant_dequant` (static `input_scale`, else dynamic
+    per token, or per token and `act_group` columns: the block-scaled checkpoints' 1 x 128 groups)."""
+    xq = fp8_quant_dequant(x, input_scale, act_group)
+    y = F.linear(xq, fp8_dequantize(weight, weight_scale, block_size),
+                 None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def fp8_quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online quantisation of a [N, K] weight: (e4m3 weight, float32 scale per row [N]), scale = amax / 448."""
+    wf = w.float()
+    s = wf.abs().amax(dim=-1).clamp(min=1e-12) / FP8_E4M3_MAX
+    return (wf / s[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), s
