@@ -241,7 +241,7 @@ def child_main() -> int:
     """Entry point of a data-parallel worker process that strata.batch.dp starts (arguments in
     STRATA_BATCH_ARGS)."""
     _setup_logging()
-    args = argparse.Namespace(**json.loads(os.environ["STRATA_BATCH_ARGS"]))
+    args = argparse.Namespace(**json.loads(settings.BATCH_ARGS.get()))
     try:
         return run_batch(args, engine_factory=make_engine)
     except (ValueError, FileNotFoundError, StrataError) as e:
