@@ -44,11 +44,7 @@ LAYERS: list[tuple[str, ...]] = [
 #   "upward: IMPORTER -> IMPORTED"   a module importing a module of its own tier or a higher one
 #   "file cycle: A <-> B <-> ..."    modules that import each other (members sorted)
 #   "package cycle: P <-> Q <-> ..." packages that import each other (members sorted)
-KNOWN: set[str] = {
-    # issue 20 (structured outputs, 4c1d1db): core/sampling_params.py imports StructuredOutputError from
-    # core/errors.py inside a function, and core/errors.py imports ParameterError from core/sampling_params.py
-    "file cycle: strata.core.errors <-> strata.core.sampling_params",
-}
+KNOWN: set[str] = set()
 
 
 def _package(mod: str) -> str:

@@ -1,7 +1,7 @@
 """Errors that name the problem. Each is raised before any work for the request or model starts."""
 from __future__ import annotations
 
-from strata.core.sampling_params import ParameterError
+from strata.core.sampling_params import ParameterError, StructuredOutputError
 
 
 class StrataError(Exception):
@@ -14,11 +14,6 @@ class PromptTooLongError(ParameterError):
                                 f"max_model_len={max_model_len} allows (at least one token must be generated).")
         self.prompt_len = prompt_len
         self.max_model_len = max_model_len
-
-
-class StructuredOutputError(ParameterError):
-    """A structured-output spec (JSON schema, regex, choice, grammar) that is malformed or does not compile;
-    `param` names the field (e.g. "structured_outputs.json"; the server may rename it "response_format")."""
 
 
 class ModelLoadError(StrataError):

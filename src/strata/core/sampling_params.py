@@ -14,6 +14,12 @@ class ParameterError(ValueError):
         self.param = param
 
 
+class StructuredOutputError(ParameterError):
+    """A structured-output spec (JSON schema, regex, choice, grammar) that is malformed or does not compile;
+    `param` names the field (e.g. "structured_outputs.json"; the server may rename it "response_format").
+    (Defined here beside ParameterError, re-exported by strata.core.errors.)"""
+
+
 _KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
@@ -32,7 +38,6 @@ class StructuredOutputsParams:
     disable_any_whitespace: bool = False  # JSON: no free whitespace between tokens (compact output)
 
     def __post_init__(self) -> None:
-        from strata.core.errors import StructuredOutputError
         set_ = [k for k in _KINDS if getattr(self, k) not in (None, False)]
         if len(set_) != 1:
             names = ", ".join(_KINDS)
