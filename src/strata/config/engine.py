@@ -18,6 +18,7 @@ class EngineArgs:
     model: str | None = field(default=None, metadata={"help": "HF model directory, hub id, or .gguf file (default: the embedded SmolLM2-135M-Instruct)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory if not the model's"})
     load_format: str = field(default="auto", metadata={"help": "auto | safetensors | gguf | dummy (random weights)", "choices": ["auto", "safetensors", "gguf", "dummy"]})
+    quantization: str | None = field(default=None, metadata={"help": "fp8: quantise the linear weights to FP8 at load (per-row weight scales, dynamic per-token activation scales; docs/QUANTIZATION.md). FP8 checkpoints (quantization_config) load as FP8 without it"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, float32 on CPU)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length (default: the model's, capped by the KV pool)"})

@@ -22,7 +22,7 @@ from strata.config.engine import EngineArgs, EngineConfig
 from strata.core.errors import ParameterError
 from strata.engine.executor import InProcExecutor
 from strata.engine.tokenizer import Tokenizer
-from strata.models.config import ModelConfig, model_config_from_dict
+from strata.models.config import QUANTIZATION_METHODS, ModelConfig, model_config_from_dict, online_quant_spec
 from strata.models.embedded import default_model_path
 from strata.models.loader import ModelSource, load_weights, resolve_model
 from strata.models.registry import model_class
@@ -36,7 +36,26 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 def resolve_source(args: EngineArgs) -> tuple[ModelSource, ModelConfig]:
     overrides = json.loads(args.hf_overrides) if isinstance(args.hf_overrides, str) else args.hf_overrides
     source = resolve_model(args.model, overrides)
-    return source, model_config_from_dict(source.config)
+    return source, apply_quantization(args, model_config_from_dict(source.config))
+
+
+def apply_quantization(args: EngineArgs, cfg: ModelConfig) -> ModelConfig:
+    """--quantization: online FP8 of a 16/32-bit checkpoint. Checks the flag against what the model is."""
+    q = args.quantization
+    if args.tp_comm_overlap and (q is not None or cfg.quantization is not None):
+        raise ParameterError("tp_comm_overlap", "--tp-comm-overlap does not support FP8 linear layers yet")
+    if q is None:
+        return cfg
+    if q not in QUANTIZATION_METHODS:
+        raise ParameterError("quantization", f"--quantization {q!r} is not supported (accepted: "
+                                             f"{', '.join(QUANTIZATION_METHODS)})")
+    if cfg.quantization is not None:
+        if cfg.quantization.checkpoint and q == "fp8":  # already FP8: vLLM accepts the flag on FP8 checkpoints
+            return cfg
+        raise ParameterError("quantization", f"--quantization {q} on a checkpoint already quantised "
+                                             f"({cfg.quantization.method})")
+    cfg.quantization = online_quant_spec(q)
+    return cfg
 
 
 def pick_device(name: str) -> str:

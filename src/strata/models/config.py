@@ -138,6 +138,7 @@ class ModelConfig:
     # layers in sliding_window_layers (None = every layer). sliding_window None = full attention everywhere.
     sliding_window: int | None = None
     sliding_window_layers: list[int] | None = None
+    quantization: "QuantSpec | None" = None  # FP8 linear weights (checkpoint or --quantization fp8)
     raw: dict = field(default_factory=dict, repr=False)
 
     def layer_sliding_window(self, layer_idx: int) -> int | None:
@@ -224,5 +225,112 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
         norm_topk_prob=bool(d.get("norm_topk_prob", True)) if arch.startswith("Qwen") else True,
         sliding_window=window,
         sliding_window_layers=window_layers,
+        quantization=quant_spec_from_dict(d),
         raw=d,
     )
+
+
+# ---- quantization_config (docs/QUANTIZATION.md) -----------------------------------------------------------------
+QUANTIZATION_METHODS = ("fp8",)  # --quantization values (online quantisation of a 16/32-bit checkpoint)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a model's linear weights are stored: float8_e4m3fn with float32 scales.
+
+    weight: "tensor" (one scale per checkpoint tensor), "channel" (one per output row) or "block" (one per
+    block_size[0] x block_size[1] tile); activation: "dynamic" (scales computed per token, or per token and
+    block_size[1] columns with block weights) or "static" (the checkpoint's per-tensor input_scale).
+    checkpoint: the weights are FP8 in the checkpoint (else they are quantised at load, per row: online)."""
+    method: str  # "fp8" | "compressed-tensors"
+    checkpoint: bool
+    weight: str
+    activation: str
+    block_size: tuple[int, int] | None = None
+    ignored: tuple[str, ...] = ()  # HF module names (or "re:" patterns) left unquantised
+
+    def quantizes(self, module: str) -> bool:
+        """Whether the HF module `module` (e.g. "model.layers.0.self_attn.q_proj") is quantised."""
+        import re
+        names = {module, module.removeprefix("model."), "model." + module.removeprefix("model.")}
+        for ig in self.ignored:
+            if ig.startswith("re:"):
+                if any(re.fullmatch(ig[3:], n) for n in names):
+                    return False
+            elif ig in names:
+                return False
+        return True
+
+
+def online_quant_spec(method: str) -> QuantSpec:
+    """--quantization fp8: per-row weight scales computed at load, dynamic per-token activation scales."""
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(method)
+    return QuantSpec("fp8", checkpoint=False, weight="channel", activation="dynamic")
+
+
+def quant_spec_from_dict(d: dict) -> QuantSpec | None:
+    """The QuantSpec of config.json's `quantization_config`; None when there is none. ModelLoadError naming
+    what is not supported (anything but FP8 e4m3 W8A8)."""
+    q = text_config(d).get("quantization_config") or d.get("quantization_config")
+    if not q:
+        return None
+    if not isinstance(q, dict):
+        raise ModelLoadError("config.json: quantization_config must be an object")
+    method = str(q.get("quant_method", "")).lower()
+    if method == "fp8":
+        fmt = q.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise ModelLoadError(f"config.json quantization_config: fp8 format {fmt!r} is not supported (e4m3 only)")
+        act = q.get("activation_scheme", "dynamic")
+        if act not in ("dynamic", "static"):
+            raise ModelLoadError(f"config.json quantization_config: activation_scheme {act!r} is not supported "
+                                 f"(dynamic, static)")
+        block = q.get("weight_block_size")
+        if block is not None:
+            block = _block(block, "weight_block_size")
+            if act != "dynamic":
+                raise ModelLoadError("config.json quantization_config: block-wise fp8 needs activation_scheme "
+                                     "dynamic")
+        ignored = tuple(q.get("ignored_layers") or q.get("modules_to_not_convert") or ())
+        return QuantSpec("fp8", True, "block" if block else "tensor", act, block, ignored)
+    if method == "compressed-tensors":
+        return _compressed_tensors(q)
+    raise ModelLoadError(f"config.json quantization_config: quant_method {method!r} is not supported "
+                         f"(supported: fp8, compressed-tensors FP8 W8A8)")
+
+
+def _block(b, what: str) -> tuple[int, int]:
+    if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(v, int) and v > 0 for v in b)):
+        raise ModelLoadError(f"config.json quantization_config: {what} must be two positive integers, got {b!r}")
+    return int(b[0]), int(b[1])
+
+
+def _compressed_tensors(q: dict) -> QuantSpec:
+    """compressed-tensors "float-quantized": one config group targeting Linear, 8-bit float weights (tensor,
+    channel or block strategy, symmetric) and 8-bit float input activations (dynamic token/tensor/group, or
+    static tensor)."""
+    bad = "config.json quantization_config (compressed-tensors): "
+    groups = q.get("config_groups") or {}
+    if len(groups) != 1:
+        raise ModelLoadError(bad + f"{len(groups)} config_groups; only one (targets: Linear) is supported")
+    g = next(iter(groups.values()))
+    if "Linear" not in (g.get("targets") or []):
+        raise ModelLoadError(bad + f"targets {g.get('targets')!r}; only ['Linear'] is supported")
+    w, a = g.get("weights") or {}, g.get("input_activations")
+    if w.get("num_bits") != 8 or w.get("type") != "float" or not w.get("symmetric", True) or w.get("dynamic"):
+        raise ModelLoadError(bad + f"weights {w!r}: only static symmetric 8-bit float (FP8) weights are supported")
+    if a is None or a.get("num_bits") != 8 or a.get("type") != "float" or not a.get("symmetric", True):
+        raise ModelLoadError(bad + f"input_activations {a!r}: only symmetric 8-bit float activations (W8A8) are "
+                                   f"supported")
+    strategy = w.get("strategy", "tensor")
+    if strategy not in ("tensor", "channel", "block"):
+        raise ModelLoadError(bad + f"weight strategy {strategy!r} is not supported (tensor, channel, block)")
+    block = _block(w.get("block_structure"), "block_structure") if strategy == "block" else None
+    if a.get("dynamic"):
+        act = "dynamic"
+    elif a.get("strategy", "tensor") == "tensor":
+        act = "static"
+    else:
+        raise ModelLoadError(bad + f"static activation strategy {a.get('strategy')!r} is not supported (tensor)")
+    return QuantSpec("compressed-tensors", True, strategy, act, block, tuple(q.get("ignore") or ()))

@@ -18,6 +18,13 @@ from strata.models.config import ModelConfig
 from strata.parallel import state as ps
 
 
+def quant_for(cfg: ModelConfig, layer_idx: int, module: str):
+    """The QuantSpec of the linear layer HF calls model.layers.{layer_idx}.{module} (a packed layer: its first
+    part), or None when it is not quantised. Embeddings, the LM head, norms and MoE routers never are."""
+    q = cfg.quantization
+    return q if q is not None and q.quantizes(f"model.layers.{layer_idx}.{module}") else None
+
+
 class DecoderLayer(nn.Module):
     """Attention half (shared by every family) + an MLP half that subclasses replace (`build_mlp`/`mlp`)."""
 
@@ -25,10 +32,12 @@ class DecoderLayer(nn.Module):
         super().__init__()
         d = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                          bias=cfg.attention_bias, dtype=dtype)
+                                          bias=cfg.attention_bias, dtype=dtype,
+                                          quant=quant_for(cfg, layer_idx, "self_attn.q_proj"))
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, bias=False, dtype=dtype)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, bias=False, dtype=dtype,
+                                        quant=quant_for(cfg, layer_idx, "self_attn.o_proj"))
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
@@ -56,11 +65,17 @@ class DecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
     def build_mlp(self, cfg: ModelConfig, dtype, layer_idx: int) -> None:
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, dtype=dtype)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, dtype=dtype,
+                                                       quant=quant_for(cfg, layer_idx, "mlp.gate_proj"))
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype,
+                                           quant=quant_for(cfg, layer_idx, "mlp.down_proj"))
 
     def mlp(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(hidden)))
+
+
+# FP8 checkpoints' KV-cache scales (an FP8 KV cache is not built yet: the cache keeps the compute dtype)
+_SKIPPED = (".k_scale", ".v_scale", ".kv_scale", ".q_scale", ".prob_scale")
 
 
 class LlamaForCausalLM(nn.Module):
@@ -124,9 +139,9 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters(remove_duplicate=False))  # a tied lm_head is the embedding
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+            if "rotary_emb.inv_freq" in name or name.endswith(_SKIPPED):
                 continue
-            name = name.removeprefix("model.")
+            name = name.removeprefix("model.").replace(".weight_scale_inv", ".weight_scale")
             if name.startswith("lm_head."):
                 if not self.is_last:
                     continue

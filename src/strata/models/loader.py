@@ -113,6 +113,9 @@ def load_weights(model: torch.nn.Module, source: ModelSource, load_format: str) 
         weights = iter_hf_weights(source.path)
     loaded = model.load_weights(weights)
     expected = {n for n, _ in model.named_parameters()}
+    # online FP8 (--quantization fp8): weight scales are computed from the weights as they load
+    expected -= {f"{n}.weight_scale" for n, m in model.named_modules()
+                 if getattr(m, "quant", None) is not None and not m.quant.spec.checkpoint}
     missing = expected - loaded
     if missing:
         raise ModelLoadError(f"checkpoint at {source.path} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
@@ -122,7 +125,16 @@ def load_weights(model: torch.nn.Module, source: ModelSource, load_format: str) 
 def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
     """Random weights (benchmarks): small uniform values keep activations finite in any dtype."""
     gens: dict[torch.device, torch.Generator] = {}
+    fp8 = set()
+    for m in model.modules():
+        if getattr(m, "quant", None) is not None:  # FP8 linear layers (strata.layers.quant)
+            from strata.layers.quant import init_dummy_fp8
+            g = gens.setdefault(m.weight.device, torch.Generator(device=m.weight.device).manual_seed(seed))
+            init_dummy_fp8(m, g)
+            fp8.update(id(p) for p in (m.weight, m.weight_scale, getattr(m, "input_scale", None)))
     for name, p in model.named_parameters():
+        if id(p) in fp8:
+            continue
         if name.endswith("norm.weight"):
             p.fill_(1.0)
             continue
