@@ -157,3 +157,42 @@ def test_padded_vocab_rows_never_allowed(llm):
     assert not any(bits)
     assert any((int(mask[0, t // 32]) >> (t % 32)) & 1 for t in range(V))
     backend.shutdown()
+
+
+def _tiny_dummy_llama(tmp_path):
+    from strata.engine.tokenizer import Tokenizer
+    from strata.models.embedded import default_model_path
+    from tests.test_batch_e2e import TINY_CFG
+    Tokenizer.from_gguf(default_model_path()).hf.save_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CFG))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2, async_scheduling=True),
+                                    dict(pipeline_parallel_size=2)])
+def test_parallel_meshes_follow_the_grammar(tmp_path, layout):
+    """TP = 2 with overlapped steps (the driver samples and broadcasts the ids) and PP = 2 (the last stage sends
+    logits, not argmax ids, when a row is constrained): random weights, so only the mask makes outputs valid."""
+    from strata.engine.llm_engine import LLMEngine
+    from tests.parallel_support import engine_args
+    small = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                              "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["name", "n"]}
+    eng = LLMEngine.from_engine_args(engine_args(_tiny_dummy_llama(tmp_path), load_format="dummy", **layout))
+    try:
+        for i in range(6):
+            so = SO(json=small) if i % 2 == 0 else SO(regex="[a-z]{3}-[0-9]{2}")
+            eng.add_request(f"r{i}", [5, 6, 7, 8 + i], SamplingParams(max_tokens=120, temperature=0.8 if i > 2 else 0,
+                                                                      seed=i, structured_outputs=so))
+        outs = {}
+        while eng.has_unfinished_requests():
+            outs.update({o.request_id: o.outputs[0] for o in eng.step() if o.finished})
+        assert len(outs) == 6
+        for rid, c in outs.items():
+            assert c.finish_reason == "stop", c.text
+            if int(rid[1:]) % 2 == 0:
+                jsonschema.validate(json.loads(c.text), small)
+            else:
+                assert re.fullmatch("[a-z]{3}-[0-9]{2}", c.text)
+    finally:
+        eng.shutdown()

@@ -36,6 +36,12 @@ def _xgr():
     return xgrammar
 
 
+# JSON schemas: at most this many whitespace characters between two JSON tokens (xgrammar's max_whitespace_cnt).
+# Enough for any indentation a model writes, and a model that would pad forever (random weights, a small model
+# in a loop) must move on to the next key or value. vLLM leaves runs unbounded.
+MAX_JSON_WHITESPACE = 24
+
+
 def choice_ebnf(choices: list[str]) -> str:
     """An EBNF grammar whose language is exactly `choices` (JSON string escapes are EBNF literal escapes)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -64,7 +70,9 @@ class GrammarBackend:
         param = f"structured_outputs.{kind}"
         try:
             if kind == "json":
-                return xgr.Grammar.from_json_schema(json.dumps(so.json), any_whitespace=not so.disable_any_whitespace)
+                any_ws = not so.disable_any_whitespace
+                return xgr.Grammar.from_json_schema(json.dumps(so.json), any_whitespace=any_ws,
+                                                    max_whitespace_cnt=MAX_JSON_WHITESPACE if any_ws else None)
             if kind == "json_object":
                 return xgr.Grammar.builtin_json_grammar()
             if kind == "regex":
