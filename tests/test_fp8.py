@@ -37,6 +37,36 @@ def _blocks(w: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
     return p.view(p.shape[0] // bn, bn, p.shape[1] // bk, bk).amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
 
 
+def _quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, its scale as the format stores it, the dequantised float32 weight)."""
+    if fmt == "block":
+        s = _blocks(w, 128, 128)
+        full = s.repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
+    else:
+        s = w.abs().amax() / 448.0 if fmt.startswith("tensor") else w.abs().amax(dim=1, keepdim=True) / 448.0
+        full = s
+    q = (w / full).to(FP8)
+    return q, s, q.float() * full
+
+
+def _quantize_experts(hf, name: str, w: torch.Tensor, fmt: str, out: dict) -> None:
+    """transformers' stacked experts ([E, 2I, H] gate_up / [E, H, I] down) written per expert, as FP8 MoE
+    checkpoints are (experts.E.{gate,up,down}_proj.weight + scale)."""
+    prefix, kind = name.rsplit(".", 1)
+    deq = torch.empty_like(w)
+    for e in range(w.shape[0]):
+        I = w.shape[1] // 2
+        parts = {"gate_proj": (slice(0, I),), "up_proj": (slice(I, 2 * I),)} if kind == "gate_up_proj" else \
+            {"down_proj": (slice(None),)}
+        for part, (rows,) in parts.items():
+            q, sc, d = _quantize(w[e, rows], fmt)
+            out[f"{prefix}.{e}.{part}.weight"] = q
+            out[f"{prefix}.{e}.{part}." + ("weight_scale_inv" if fmt == "block" else "weight_scale")] = sc
+            deq[e, rows] = d
+    with torch.no_grad():
+        hf.get_parameter(name).copy_(deq)
+
+
 def quantize_checkpoint(hf, path, fmt: str, seed: int = 0) -> dict[str, dict]:
     """Rewrite `path`'s model.safetensors as an FP8 checkpoint of format `fmt`; set the quantised modules of `hf`
     to the dequantised weights. Returns {module name: {"input_scale": .., "group": ..}} for the reference hooks."""
@@ -48,27 +78,18 @@ def quantize_checkpoint(hf, path, fmt: str, seed: int = 0) -> dict[str, dict]:
     out, mods = {}, {}
     for name, w in sd.items():
         mod = name.removesuffix(".weight")
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            _quantize_experts(hf, name, w, fmt, out)
+            continue
         if not (name.endswith(".weight") and mod.split(".")[-1] in LINEARS):
             out[name] = w
             continue
-        info = {"input_scale": None, "group": None}
-        if fmt == "block":
-            s = _blocks(w, 128, 128)
-            full = s.repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
-            q = (w / full).to(FP8)
-            out[name], out[mod + ".weight_scale_inv"] = q, s
-            deq = q.float() * full
-            info["group"] = 128
-        else:
-            s = w.abs().amax(dim=1, keepdim=True) / 448.0  # channel: [N, 1]
-            if fmt.startswith("tensor"):
-                s = w.abs().amax() / 448.0  # []
-            q = (w / s).to(FP8)
-            out[name], out[mod + ".weight_scale"] = q, s
-            deq = q.float() * s
-            if fmt == "tensor_static":
-                info["input_scale"] = torch.rand((), generator=g) * 0.02 + 0.01
-                out[mod + ".input_scale"] = info["input_scale"]
+        info = {"input_scale": None, "group": 128 if fmt == "block" else None}
+        q, sc, deq = _quantize(w, fmt)  # scale: [] per tensor, [N, 1] per channel, the block grid
+        out[name], out[mod + (".weight_scale_inv" if fmt == "block" else ".weight_scale")] = q, sc
+        if fmt == "tensor_static":
+            info["input_scale"] = torch.rand((), generator=g) * 0.02 + 0.01
+            out[mod + ".input_scale"] = info["input_scale"]
         with torch.no_grad():
             hf.get_submodule(mod).weight.copy_(deq)
         mods[mod] = info
@@ -171,6 +192,21 @@ def test_fp8_checkpoint_matches_dequantised_model(fmt, arch, tmp_path):
     # difference flips moves a row by up to ~1e-2 (seen: 7e-3, one row in 12)
     assert (err < 1e-5).float().mean() >= 0.75, err
     assert err.max() < 2e-2, err
+
+
+@pytest.mark.parametrize("fmt", ["block", "tensor_dynamic"])
+def test_fp8_moe_checkpoint_experts_dequantised(fmt, tmp_path):
+    """Qwen3-MoE FP8 checkpoint: attention linears FP8, experts dequantised at load (per-expert names)."""
+    from tests.parallel_support import write_tiny_moe
+    hf = write_tiny_moe("qwen3_moe", tmp_path)
+    hook_activations(hf, quantize_checkpoint(hf, tmp_path, fmt))
+    engine = LLMEngine.from_engine_args(engine_args(tmp_path))
+    assert engine.runner.runner.model.layers["0"].qkv_proj.weight.dtype == FP8
+    toks, logits = run(engine)
+    got, want = torch.cat(logits), torch.cat(reference(hf, PROMPTS, toks))
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+    err = (got - want).abs().amax(dim=-1)
+    assert (err < 1e-5).float().mean() >= 0.75 and err.max() < 2e-2, err
 
 
 def test_online_fp8_close_to_unquantised(tmp_path):
