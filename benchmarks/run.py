@@ -17,7 +17,7 @@ Every step runs as its own process with PYTHONPATH=src (this tree; --set src=DIR
 DIR/<suite>.log, its last lines to the terminal, and DIR/<suite>-steps.json records each step's command,
 exit status and time (the device returns at most 8 files from $OUT, so the suites write few). Placeholders in
 the steps ({out}, {tok}, {wl}, {batch}, {old}, {new}, {py}, {src}) are set with --set, e.g. --set tok=/data/tok.
---smoke runs a suite's CPU variant where it has one (engine, regress): the same path in seconds.
+--smoke runs a suite's CPU variant where it has one (engine, regress, structured): the same path in seconds.
 """
 from __future__ import annotations
 
@@ -117,6 +117,15 @@ SUITES: dict[str, Suite] = {
                    "seed64, sharegpt1000 (async_gpu.py)", [
         Step("async_gpu", "{py} benchmarks/async_gpu.py --tokenizer {tok} --workloads {wl} --out-json "
              "{out}/async.json", 400, needs=(TOK, *WL)),
+    ]),
+    "structured": Suite("nvidia-h200", "structured outputs (issue 20): first compile, sharegpt1000 unconstrained "
+                        "against every request under a 6-field JSON schema, batch-1 time per token with and without "
+                        "it, 50-field compile cost (structured_gpu.py; carry xgrammar, see its docstring)", [
+        Step("structured", "{py} benchmarks/structured_gpu.py --tokenizer {tok} --workloads {wl} "
+             "--out {out}/structured.json", 500, needs=(TOK, *WL), tail=20),
+    ], smoke=[
+        Step("structured", "{py} benchmarks/structured_gpu.py --smoke --out {out}/structured-smoke.json", 300,
+             tail=20),
     ]),
     "kernels": Suite("nvidia-h200", "every Triton kernel against the copy and GEMM ceilings measured in the same "
                      "run, decode-attention config sweep, parity with the torch twins (kernels.py --quick)", [
@@ -412,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", default=None, help="comma-separated step names (default: all of the suite)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help=f"placeholder value ({', '.join(k for k in DEFAULTS if k != 'out')}, vllm)")
-    ap.add_argument("--smoke", action="store_true", help="the suite's CPU variant (engine, regress)")
+    ap.add_argument("--smoke", action="store_true", help="the suite's CPU variant (engine, regress, structured)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--trees-dir", default=".carry/trees", help="make-tree: where the trees go")
     a = ap.parse_args(argv)
