@@ -163,6 +163,27 @@ def test_tool_choice_none_and_auto_answer_in_shape(client):
         assert (c.finish_reason == "tool_calls") == bool(c.message.tool_calls)
 
 
+HERMES_OUTPUT = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius"}}'
+                 '\n</tool_call>')
+
+
+def test_auto_reads_the_models_hermes_calls(client):
+    """The tiny model never writes a call by itself: a one-choice grammar makes it write one in the Hermes format,
+    and tool_choice auto (--tool-call-parser hermes) must read it, whole and streamed."""
+    kw = dict(model=MODEL_NAME, messages=ASK_WEATHER, temperature=0, max_tokens=80, tools=[WEATHER_TOOL],
+              tool_choice="auto", extra_body={"guided_choice": [HERMES_OUTPUT]})
+    c = client.chat.completions.create(**kw).choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content == "Checking.\n"
+    (call,) = c.message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Rome", "unit": "celsius"}')
+    chunks = [ch for ch in client.chat.completions.create(**kw, stream=True) if ch.choices]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Checking.\n"
+    deltas = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_")
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
 HISTORY = [
     {"role": "user", "content": "Weather in Paris?"},
     {"role": "assistant", "content": None, "tool_calls": [
