@@ -194,3 +194,38 @@ def test_template_messages_arguments_become_objects():
         template_messages([{"role": "assistant", "content": "", "tool_calls": [
             {"id": "x", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}])
     assert e.value.param == "messages.0.tool_calls.0.function.arguments"
+
+
+# ---------------------------------------------------------------------------------------------- constraints
+def constraint_req(**kw):
+    base = dict(response_format=None, structured_outputs=None, guided_json=None, guided_regex=None,
+                guided_choice=None, guided_grammar=None)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_request_constraint_spellings():
+    from strata.serve.structured import request_constraint
+    assert request_constraint(constraint_req(response_format={"type": "text"})) == (None, None)
+    so, field = request_constraint(constraint_req(guided_json='{"type": "object"}'))
+    assert (so.json, field) == ({"type": "object"}, "guided_json")
+    so, field = request_constraint(constraint_req(structured_outputs={"regex": "a+", "json": None, "choice": None}))
+    assert (so.regex, field) == ("a+", "structured_outputs")
+    so, _ = request_constraint(constraint_req(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object"}, "strict": True}}))
+    assert so.json == {"type": "object"}
+
+
+@pytest.mark.parametrize("kw,param", [
+    (dict(response_format={"type": "json_object"}, guided_regex="a"), "guided_regex"),
+    (dict(structured_outputs={"regex": "a", "choice": ["a"]}), "structured_outputs"),
+    (dict(structured_outputs={"regex": "a", "no_such_option": True}), "structured_outputs.no_such_option"),
+    (dict(guided_choice=[]), "guided_choice"),
+    (dict(guided_json="{not json"), "guided_json"),
+    (dict(guided_json={"type": 5}), "guided_json"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format"),
+])
+def test_request_constraint_errors_name_the_field(kw, param):
+    from strata.serve.structured import request_constraint
+    with pytest.raises(ParameterError) as e:
+        request_constraint(constraint_req(**kw))
+    assert e.value.param == param

@@ -94,7 +94,7 @@ def _from_structured_outputs(so: dict):
         raise ParameterError("structured_outputs", f"structured_outputs needs exactly one of {', '.join(KINDS)}, "
                                                    f"got {', '.join(kinds) or 'none'}")
     kind = kinds[0]
-    kwargs = dict(so)
+    kwargs = {k: v for k, v in so.items() if v is not None and (k not in KINDS or k == kind)}
     if kind != "structural_tag":
         kwargs[kind] = check_kind(kind, so[kind], f"structured_outputs.{kind}")
     return make(kwargs, "structured_outputs")
