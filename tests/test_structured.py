@@ -74,7 +74,7 @@ def test_regex_and_choice_64_outputs_all_valid(llm):
 def test_constrained_and_free_rows_in_one_batch(llm):
     """Constrained rows beside unconstrained ones, json_object, a grammar, n > 1 with seeds, a stop string."""
     free = SamplingParams(max_tokens=12, temperature=0.0)
-    ps = [free, SamplingParams(max_tokens=80, temperature=0.0, structured_outputs=SO(json_object=True)),
+    ps = [free, SamplingParams(max_tokens=40, temperature=0.0, structured_outputs=SO(json_object=True)),
           SamplingParams(max_tokens=20, temperature=0.0, structured_outputs=SO(grammar='root ::= "yes" | "no"')),
           SamplingParams(n=3, max_tokens=40, temperature=1.0, seed=5, structured_outputs=SO(regex=REGEX))]
     outs = llm.chat(convs(4, "Answer in JSON: what is 2 + 2?"), ps, use_tqdm=False)
@@ -95,7 +95,7 @@ def test_constrained_and_free_rows_in_one_batch(llm):
         assert out.text == full.text[:full.text.index("c1")] and out.stop_reason == "c1"
 
 
-GREEDY = [SamplingParams(max_tokens=150, temperature=0.0, structured_outputs=SO(json=SCHEMA)),
+GREEDY = [SamplingParams(max_tokens=120, temperature=0.0, structured_outputs=SO(json=SCHEMA)),
           SamplingParams(max_tokens=30, temperature=0.0, structured_outputs=SO(regex=REGEX)),
           SamplingParams(max_tokens=30, temperature=0.0)] * 2
 
@@ -103,7 +103,7 @@ GREEDY = [SamplingParams(max_tokens=150, temperature=0.0, structured_outputs=SO(
 def test_preempted_and_async_equal_reference(llm):
     prompts = convs(len(GREEDY), "Describe a person as JSON.")
     ref = texts(llm.chat(prompts, GREEDY, use_tqdm=False))
-    small = LLM(num_gpu_blocks_override=14, max_num_batched_tokens=64, check_invariants=True)  # must preempt
+    small = LLM(num_gpu_blocks_override=14, max_num_batched_tokens=96, check_invariants=True)  # must preempt
     assert texts(small.chat(prompts, GREEDY, use_tqdm=False)) == ref
     assert small.engine.scheduler.num_preemptions > 0
     a = LLM(async_scheduling=True, check_invariants=True)
