@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -85,7 +86,9 @@ class GrammarBackend:
             return xgr.Grammar.from_structural_tag(tag if isinstance(tag, str) else json.dumps(tag))
         except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError/its own kinds
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise StructuredOutputError(param, f"{param} is not a valid {kind.replace('_', ' ')}: {msg}") from None
+            msg = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", msg)  # xgrammar's "[time] file.cc:line: " prefix
+            what = {"json": "JSON schema", "json_object": "JSON object grammar", "structural_tag": "structural tag"}
+            raise StructuredOutputError(param, f"{param} is not a valid {what.get(kind, kind)}: {msg}") from None
 
     def prepare(self, so: StructuredOutputsParams) -> Future:
         """A future of the compiled grammar, from the cache or started now on a worker thread. The spec is
