@@ -257,7 +257,9 @@ def arch_from_config(cfg: dict, name: str = "config", source: str = "config.json
     q = cfg.get("quantization_config") or {}
     if isinstance(q, dict) and q:
         method = str(q.get("quant_method", "")).lower()
-        if "fp8" in method:
+        groups = q.get("config_groups") if method == "compressed-tensors" else None
+        wq = next(iter(groups.values()), {}).get("weights") or {} if isinstance(groups, dict) and groups else {}
+        if "fp8" in method or (wq.get("num_bits") == 8 and wq.get("type") == "float"):  # compressed-tensors FP8
             dtype = "fp8"
         elif q.get("bits") == 4 or method in ("awq", "gptq", "bitsandbytes") and q.get("load_in_4bit", True):
             dtype = "int4"
