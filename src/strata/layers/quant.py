@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from strata import ops
-from strata.models.config import QuantSpec
 from strata.ops.ref import fp8_quantize_rows
 
 FP8 = torch.float8_e4m3fn
@@ -35,10 +34,11 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class Fp8Scheme:
-    """The FP8 form of one linear layer. `parts`: this rank's row count of each packed part (one for a plain
-    layer); `n_sharded` / `k_sharded`: whether TP splits rows / columns of the checkpoint tensors."""
+    """The FP8 form of one linear layer. `spec`: the model's `strata.models.config.QuantSpec` (not imported:
+    layers sit below models); `parts`: this rank's row count of each packed part (one for a plain layer);
+    `n_sharded` / `k_sharded`: whether TP splits rows / columns of the checkpoint tensors."""
 
-    def __init__(self, spec: QuantSpec, layer: nn.Module, n: int, k: int, parts: list[int],
+    def __init__(self, spec, layer: nn.Module, n: int, k: int, parts: list[int],
                  n_sharded: bool, k_sharded: bool):
         self.spec = spec
         self.act_group = None
