@@ -196,3 +196,39 @@ def test_parallel_meshes_follow_the_grammar(tmp_path, layout):
                 assert re.fullmatch("[a-z]{3}-[0-9]{2}", c.text)
     finally:
         eng.shutdown()
+
+
+def test_compiling_grammar_waits_while_the_batch_goes_on(llm, monkeypatch):
+    """A request whose grammar is still compiling waits in the queue; the others are scheduled and finish."""
+    from concurrent.futures import Future
+    eng = llm.engine
+    so = SO(regex="[0-9]{4}")
+    real = eng.grammars.prepare(so).result()
+    slow = Future()
+    monkeypatch.setattr(eng.grammars, "prepare", lambda s: slow)
+    eng.add_request("waits", "Say a number:", SamplingParams(max_tokens=8, temperature=0.0, structured_outputs=so))
+    eng.add_request("free", "Say a number:", SamplingParams(max_tokens=4, temperature=0.0))
+    done = {}
+    for _ in range(20):
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+        if "free" in done:
+            break
+    assert "free" in done and "waits" not in done
+    assert [r.request_id for r in eng.scheduler.waiting] == ["waits"]
+    slow.set_result(real)
+    while eng.has_unfinished_requests():
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    assert re.fullmatch("[0-9]{4}", done["waits"].outputs[0].text)
+
+
+def test_failed_compile_ends_the_request_with_error(llm, monkeypatch):
+    from concurrent.futures import Future
+    eng = llm.engine
+    bad = Future()
+    bad.set_exception(RuntimeError("boom"))
+    monkeypatch.setattr(eng.grammars, "prepare", lambda s: bad)
+    eng.add_request("bad", "x", SamplingParams(max_tokens=4, n=2, structured_outputs=SO(regex="a")))
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert [c.finish_reason for c in outs[-1].outputs] == ["error", "error"] and outs[-1].finished

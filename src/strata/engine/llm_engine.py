@@ -169,7 +169,7 @@ class LLMEngine:
             if grammar is not None:
                 from strata.structured import RequestGrammar
                 req.grammar = RequestGrammar(grammar)
-                if not grammar.done():
+                if not req.grammar.ready:  # compiling (or failed: _check_compiles ends it)
                     self._compiling.append(req)
             detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
             parent.children.append(_Child(req, detok))
