@@ -133,7 +133,7 @@ def main() -> int:
     if args.smoke or wl is None:
         if not args.smoke:
             raise SystemExit("error: no workloads (.carry/workloads); `python benchmarks/run.py carry`")
-        records = _random_records(8, 32, 24, 49152, 0)
+        records = _random_records(8, 32, 128, 49152, 0)  # long enough for the schema to end
     else:
         records = _load_records(os.path.join(wl, "sharegpt1000.json"))
     out: dict = {"xgrammar": version, "engine_args": eargs, "notes": notes, "load_s": load_s,
