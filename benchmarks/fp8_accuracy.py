@@ -11,7 +11,10 @@ tokens, and every next-token distribution is kept. Reported:
 - greedy agreement: per prompt the first position where the tokens differ (null: none within --max-tokens), the
   share of prompts identical to the end, and the mean length of the common prefix.
 
-    python benchmarks/fp8_accuracy.py --json benchmarks/results/2026-12-03-cpu-fp8-accuracy.json
+    python benchmarks/fp8_accuracy.py --max-tokens 8 --json benchmarks/results/2026-12-03-cpu-fp8-accuracy.json
+
+Record 2026-12-03 (CPU, 64 prompts of 128 tokens, 8 greedy tokens): mean KL 0.0259 nats/token (target 0.02:
+missed), 27 of 64 prompts identical for 8 tokens, mean common prefix 4.9 tokens.
 
 On the CPU the FP8 twin dequantises every weight on every call (correct, slow: float8 -> float32 conversion is
 scalar there); this script memoises the dequantised weights per tensor (`ops.ref.fp8_dequantize`, the same
@@ -104,12 +107,12 @@ def main() -> int:
     ap.add_argument("--json", help="write the record here")
     args = ap.parse_args()
     memoise_dequantize()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()  # the tree measured
     prompts = [r["prompt_ids"][: args.max_prompt_tokens or None] for r in workloads.seed64(args.num_prompts)]
     base_toks, base_lp, t_base = run(None, prompts, args.max_tokens, args.threads)
     q_toks, q_lp, t_q = run("fp8", prompts, args.max_tokens, args.threads)
     res = compare(base_toks, base_lp, q_toks, q_lp)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     record = {
         "benchmark": "fp8_accuracy", "model": "embedded SmolLM2-135M-Instruct (Q4_1 GGUF dequantised, float32)",
         "quantization": "fp8 online: e4m3 weights, per-row scales; activations e4m3 per token (twin)",
