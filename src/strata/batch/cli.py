@@ -102,6 +102,11 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add(g, "--sampling-seed", type=int, default=None, help="per-request sampling seed")
     add(g, "--stop", action="append", default=None, help="stop string (repeatable)")
     add(g, "--ignore-eos", action="store_true", default=None, help="generate max-tokens regardless of EOS")
+    add(g, "--json-schema", default=None, metavar="FILE",
+        help="constrain every output to this JSON schema (a file, or inline JSON); outputs that do not validate "
+             "(e.g. cut by --max-tokens) are error rows (docs/STRUCTURED.md)")
+    add(g, "--regex", default=None, help="constrain every output to match this regular expression")
+    add(g, "--choice", default=None, metavar="A,B,...", help="constrain every output to one of these strings")
 
     g = p.add_argument_group("output and run")
     add(g, "--output", "-o", default=None,
@@ -172,6 +177,34 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def structured_from_args(args: argparse.Namespace):
+    """--json-schema / --regex / --choice as StructuredOutputsParams (None without them)."""
+    import json
+    import os
+    from strata.core.sampling_params import StructuredOutputsParams
+    given = {k: v for k, v in (("json", getattr(args, "json_schema", None)), ("regex", getattr(args, "regex", None)),
+                               ("choice", getattr(args, "choice", None))) if v is not None}
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError("--json-schema, --regex and --choice exclude each other")
+    if "json" in given:
+        spec = given["json"]
+        if not spec.lstrip().startswith("{"):
+            try:
+                with open(os.path.expanduser(spec), encoding="utf-8") as f:
+                    spec = f.read()
+            except OSError as e:
+                raise ValueError(f"--json-schema {given['json']!r}: {e.strerror}") from None
+        try:
+            given["json"] = json.loads(spec)
+        except ValueError as e:
+            raise ValueError(f"--json-schema {given['json']!r} is not JSON: {e}") from None
+    if "choice" in given:
+        given["choice"] = [c for c in given["choice"].split(",") if c]
+    return StructuredOutputsParams(**given)
+
+
 def job_options(args: argparse.Namespace, mode: str):
     from strata.batch.jobs import JobOptions
 
@@ -186,6 +219,9 @@ def job_options(args: argparse.Namespace, mode: str):
         "top_k": args.top_k, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
         "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
         "seed": args.sampling_seed, "stop": args.stop, "ignore_eos": args.ignore_eos}.items() if v is not None}
+    so = structured_from_args(args)
+    if so is not None:
+        sampling["structured_outputs"] = so
     if args.prompt_template and args.text_field:
         raise ValueError("--prompt-template and --text-field exclude each other")
     if getattr(args, "instruction", None) and args.messages_field:

@@ -327,9 +327,6 @@ class JobBuilder:
         for unsupported in ("tools", "functions", "tool_choice", "function_call"):
             if body.get(unsupported):
                 raise RowErrorExc("invalid_request", f"{unsupported!r} is not supported by strata batch", param=unsupported)
-        rf = body.get("response_format")
-        if isinstance(rf, dict) and rf.get("type") not in (None, "text"):
-            raise RowErrorExc("invalid_request", f"response_format {rf.get('type')!r} is not supported", param="response_format")
         params = _openai_params(body, self._openai_sampling, url)
         if url == "/v1/chat/completions":
             messages = _check_messages(body.get("messages", _MISSING), "messages", openai=True)
@@ -480,6 +477,24 @@ def _sampling(kw: dict) -> SamplingParams:
         raise RowErrorExc("invalid_parameter", f"invalid sampling parameters: {e}") from e
 
 
+def _structured(body: dict):
+    """A body's own output constraint: OpenAI's `response_format`, or vLLM's `structured_outputs` (docs/STRUCTURED.md)."""
+    from strata.core.errors import StructuredOutputError
+    from strata.core.sampling_params import StructuredOutputsParams
+    from strata.core.structured import params_from_response_format
+    try:
+        if body.get("structured_outputs") is not None:
+            so = body["structured_outputs"]
+            if not isinstance(so, dict):
+                raise StructuredOutputError("structured_outputs", "structured_outputs must be an object")
+            return StructuredOutputsParams(**so)
+        return params_from_response_format(body.get("response_format"))
+    except StructuredOutputError as e:
+        raise RowErrorExc("invalid_request", str(e), param=e.param) from e
+    except TypeError as e:
+        raise RowErrorExc("invalid_request", f"structured_outputs: {e}", param="structured_outputs") from e
+
+
 def _openai_params(body: dict, defaults: dict, url: str) -> SamplingParams:
     kw = dict(defaults)
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -493,6 +508,9 @@ def _openai_params(body: dict, defaults: dict, url: str) -> SamplingParams:
             kw[name] = body[name]
     if body.get("stop") is not None:
         kw["stop"] = body["stop"]
+    so = _structured(body)
+    if so is not None:
+        kw["structured_outputs"] = so
     if url == "/v1/chat/completions":
         if body.get("logprobs"):
             kw["logprobs"] = body.get("top_logprobs") or 0
