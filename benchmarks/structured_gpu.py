@@ -83,14 +83,16 @@ def run(llm, records, so) -> dict:
     res = {"wall_s": wall, "output_tokens": toks, "output_tok_s": toks / wall, "requests": len(outs)}
     if so is not None:
         stop = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
-        valid = 0
+        valid, invalid = 0, []
         for c in stop:
             try:
                 jsonschema.validate(json.loads(c.text), so.json)
                 valid += 1
-            except (ValueError, jsonschema.ValidationError):
-                pass
-        res.update(finished_by_grammar=len(stop), schema_valid=valid,
+            except (ValueError, jsonschema.ValidationError) as e:
+                if len(invalid) < 5:  # what failed, for whoever looks into it (2026-12-03: 20 of 606 on an H200)
+                    invalid.append({"text": c.text[:600], "token_ids": list(c.token_ids)[:200],
+                                    "error": str(e).splitlines()[0][:300]})
+        res.update(finished_by_grammar=len(stop), schema_valid=valid, invalid_examples=invalid,
                    schema_valid_rate=valid / len(stop) if stop else None,
                    finish_reasons={r: sum(o.outputs[0].finish_reason == r for o in outs) for r in ("stop", "length")})
     return res
