@@ -246,12 +246,14 @@ SUITES: dict[str, Suite] = {
     ], env=HANG),
     # ------------------------------------------------------------------ CPU
     "cpu": Suite("cpu", "side by side on this CPU: strata against transformers and against vLLM CPU "
-                 "(--set vllm=/path/to/vllm-venv/bin/python), the main job's footprint, the batch job's quality", [
+                 "(--set vllm=/path/to/vllm-venv/bin/python), the main job's footprint, the batch job's quality, "
+                 "FP8 accuracy against the unquantised model", [
         Step("vs_transformers", "{py} benchmarks/cpu_vs_transformers.py --out {out}/cpu-vs-transformers.json", 1200),
         Step("vs_vllm", "{py} benchmarks/cpu_vs_vllm.py --vllm-python {vllm} --out {out}/cpu-vs-vllm.json", 3000),
         Step("main_job_footprint", "{py} benchmarks/main_job_footprint.py --out {out}/main-job-footprint.json", 900),
         Step("batch_quality", "{py} benchmarks/batch_quality.py run --out-dir {out}/batch-quality "
              "--json {out}/batch-quality.json", 1800),
+        Step("fp8_accuracy", "{py} benchmarks/fp8_accuracy.py --max-tokens 8 --json {out}/fp8-accuracy.json", 1500),
     ]),
     "host": Suite("cpu", "the parts that need no model: router overhead, the executor's control channel, TP step "
                   "overhead on a tiny model, the global-serving simulation, the planner against recorded runs", [

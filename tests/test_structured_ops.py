@@ -97,3 +97,25 @@ def test_masked_sampling_never_picks_a_masked_token(data, B, V):
     tokens, _ = Sampler(seed=3).sample(logits.clone(), SamplingBatch(reqs), grammar)
     for k, i in enumerate(rows):
         assert allowed[k, tokens[i]], f"row {i} picked masked token {int(tokens[i])}"
+
+
+def test_length_bounded_json_strings_refuse_control_characters():
+    """xgrammar 0.2.9 writes strings with minLength/maxLength as runs of [^"\\\r\n], which lets raw control
+    characters through (JSON forbids them; 4 of the 5 invalid outputs kept from an H200 run had them). The backend narrows the class;
+    plain strings, escapes of the schema and non-ASCII text are unchanged."""
+    xgr = pytest.importorskip("xgrammar")
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    from strata.structured.backend import GrammarBackend
+
+    backend = GrammarBackend.__new__(GrammarBackend)  # grammar() needs only the xgrammar module
+    backend.xgr = xgr
+    so = StructuredOutputsParams(json={
+        "type": "object", "required": ["a", "t", "p"],
+        "properties": {"a": {"type": "string", "maxLength": 5}, "p": {"type": "string"},
+                       "t": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 3}}}})
+    g = backend.grammar(so)
+    assert accepts(g, '{"a": "h\u00e9", "p": "x", "t": ["ab"]}')  # properties in the schema's order
+    for bad in ('{"a": "x\x0by", "p": "x", "t": []}', '{"a": "xy", "p": "x", "t": ["a\tb"]}',
+                '{"a": "xy", "p": "\x1c", "t": []}', '{"a": "abcdef", "p": "x", "t": []}'):
+        assert not accepts(g, bad), repr(bad)
