@@ -143,19 +143,27 @@ def test_response_format():
 
 
 def test_padded_vocab_rows_never_allowed(llm):
-    """The model's vocabulary wider than the tokenizer's: the padding rows' bits are 0 in every bitmask."""
+    """The model's vocabulary wider than the tokenizer's: the grammar covers the tokenizer's ids only (xgrammar would
+    treat each padding id as a special token and pay for it on every accepted token), and the bitmask forbids every
+    logits column past it."""
+    import torch
+
+    from strata import ops
     from strata.structured import GrammarBackend, RequestGrammar
     tok = llm.engine.tokenizer
     V = len(tok.hf)
     backend = GrammarBackend(tok.hf, V + 70, tok.eos_token_ids)
+    assert backend.grammar_vocab == V
     g = RequestGrammar(backend.prepare(SO(json_object=True)))
     g.future.result()
     mask = backend.new_bitmask(1)
     backend.fill_bitmask([g], mask)
-    assert mask.shape[1] == (V + 70 + 31) // 32
-    bits = [(int(mask[0, t // 32]) >> (t % 32)) & 1 for t in range(V, V + 70)]
-    assert not any(bits)
-    assert any((int(mask[0, t // 32]) >> (t % 32)) & 1 for t in range(V))
+    assert mask.shape[1] == (V + 31) // 32
+    logits = torch.zeros(2, V + 70)
+    ops.apply_token_bitmask(logits, mask, torch.tensor([1]))
+    assert torch.isinf(logits[1, V:]).all() and not torch.isinf(logits[0]).any()
+    assert torch.isfinite(logits[1, :V]).any()
+    assert g.accept(int(torch.isfinite(logits[1, :V]).nonzero()[0]))
     backend.shutdown()
 
 

@@ -119,3 +119,25 @@ def test_length_bounded_json_strings_refuse_control_characters():
     for bad in ('{"a": "x\x0by", "p": "x", "t": []}', '{"a": "xy", "p": "x", "t": ["a\tb"]}',
                 '{"a": "xy", "p": "\x1c", "t": []}', '{"a": "abcdef", "p": "x", "t": []}'):
         assert not accepts(g, bad), repr(bad)
+
+
+@pytest.mark.parametrize("kind", ["bounded", "plain", "json_object"])
+def test_json_strings_refuse_surrogate_code_points(kind):
+    """UTF-8 spellings of U+D800-U+DFFF are not UTF-8 (an H200 run's byte tokens spelled ED AF 98 inside a string:
+    the text decoded to three U+FFFD and broke maxLength). Every JSON string class refuses them; real non-ASCII
+    text (2-, 3- and 4-byte characters) still passes."""
+    xgr = pytest.importorskip("xgrammar")
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    from strata.structured.backend import GrammarBackend
+
+    backend = GrammarBackend.__new__(GrammarBackend)
+    backend.xgr = xgr
+    prop = {"type": "string", "maxLength": 5} if kind == "bounded" else {"type": "string"}
+    so = (StructuredOutputsParams(json_object=True) if kind == "json_object" else
+          StructuredOutputsParams(json={"type": "object", "properties": {"a": prop}, "required": ["a"]}))
+    g = backend.grammar(so)
+    for good in ("h\u00e9".encode(), "\u4e2d".encode(), b"\xf0\x9f\x98\x80"):
+        assert accepts(g, b'{"a": "' + good + b'"}'), good
+    for bad in (b"\xed\xaf\x98", b"\xed\xa0\x80", b"x\xed\xbf\xbf"):
+        assert not accepts(g, b'{"a": "' + bad + b'"}'), bad

@@ -43,17 +43,27 @@ def _xgr():
 MAX_JSON_WHITESPACE = 24
 
 
-# xgrammar 0.2.9 writes a string with minLength/maxLength as a run of [^"\\\r\n] characters, which admits raw
-# control characters that JSON forbids in strings (its plain strings exclude \0-\x1f): on an H200, 20 of 606 schema
-# outputs failed validation, and 4 of the 5 kept had such characters (2026-12-03-h200-structured-invalid-rows.json).
-_LOOSE_CHAR = '[^\\"\\\\\\r\\n]'
-_JSON_CHAR = '[^\\0-\\x1f\\"\\\\\\r\\n]'
+# JSON string characters in xgrammar 0.2.9's grammars admit two kinds of text that are not JSON text, both seen in
+# schema outputs of random weights on an H200 (2026-12-03-h200-structured-*.json):
+# - a string with minLength/maxLength is a run of [^"\\\r\n], which admits raw control characters that JSON forbids
+#   in strings (xgrammar's plain strings exclude \0-\x1f): 4 of the 5 invalid rows kept of 20;
+# - every string class is matched as UTF-8 byte sequences that include the encodings of U+D800-U+DFFF, which are
+#   not UTF-8 (ED A0-BF xx): byte-level tokens spelled a surrogate, the text decoded to three U+FFFD and broke a
+#   maxLength (2 of 608 rows after the first fix).
+# `strict_json_strings` rewrites both classes to exclude what JSON text cannot hold.
+_STRICT_CLASS = r'[^\0-\x1f\"\\\r\n\uD800-\uDFFF]'
+_JSON_CLASSES = (r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\r\n]', r'[^\"\\\0-\x1f]')  # bounded, schema, json_object
 
 
 def strict_json_strings(g, xgr):
-    """The grammar with every length-bounded JSON string character class narrowed to what JSON allows."""
+    """The grammar with every JSON string character class narrowed to what JSON text allows (no raw control
+    characters, no surrogate code points)."""
     text = str(g)
-    return xgr.Grammar.from_ebnf(text.replace(_LOOSE_CHAR, _JSON_CHAR)) if _LOOSE_CHAR in text else g
+    if not any(c in text for c in _JSON_CLASSES):
+        return g
+    for c in _JSON_CLASSES:
+        text = text.replace(c, _STRICT_CLASS)
+    return xgr.Grammar.from_ebnf(text)
 
 
 def choice_ebnf(choices: list[str]) -> str:
@@ -65,8 +75,14 @@ class GrammarBackend:
     def __init__(self, hf_tokenizer, vocab_size: int, stop_token_ids: list[int], max_workers: int = 2):
         xgr = _xgr()
         self.xgr = xgr
-        self.vocab_size = vocab_size  # the model's (logits) width; rows past the tokenizer's are never allowed
-        self.info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab_size,
+        self.vocab_size = vocab_size  # the model's (logits) width
+        # The grammar's vocabulary is the tokenizer's, not the model's padded logits width: ids past the tokenizer
+        # have no text and are never allowed (the bitmask is narrower than the logits, and `apply_token_bitmask`
+        # forbids every column past it). xgrammar treats each such id as a special token, and its accept_token
+        # pays for them on every call: with SmolLM2's 49,152-token tokenizer under a 151,936-wide model, 36 us
+        # per accepted token instead of 1.2 us (CPU, 2026-12-03).
+        self.grammar_vocab = min(vocab_size, max([len(hf_tokenizer), *(int(t) + 1 for t in stop_token_ids)]))
+        self.info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=self.grammar_vocab,
                                                        stop_token_ids=list(stop_token_ids))
         threads = max(1, min(8, os.cpu_count() or 1))
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=threads)
@@ -74,7 +90,7 @@ class GrammarBackend:
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="strata-grammar")
         self._cache: dict[tuple, Future] = {}
         self._lock = threading.Lock()
-        self.bitmask_width = (vocab_size + 31) // 32
+        self.bitmask_width = (self.grammar_vocab + 31) // 32
 
     # ---- compilation
     def grammar(self, so: StructuredOutputsParams):
@@ -89,7 +105,7 @@ class GrammarBackend:
                                                  max_whitespace_cnt=MAX_JSON_WHITESPACE if any_ws else None)
                 return strict_json_strings(g, xgr)
             if kind == "json_object":
-                return xgr.Grammar.builtin_json_grammar()
+                return strict_json_strings(xgr.Grammar.builtin_json_grammar(), xgr)
             if kind == "regex":
                 return xgr.Grammar.from_regex(so.regex)
             if kind == "choice":
