@@ -274,6 +274,21 @@ def test_killed_worker_fails_requests_and_exits(qwen3_3l):
     assert time.monotonic() - t0 < 110
 
 
+def test_killed_worker_during_held_back_sampling_fails_fast(tmp_path):
+    """Structured outputs hold a step's sampling back for the grammar bitmask; sampling then broadcasts the ids
+    to the TP workers. A worker killed between the forward and that sampling fails the engine, not hangs it."""
+    pytest.importorskip("xgrammar")
+    from tests.test_structured import _tiny_dummy_llama
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "tests.parallel_support.killed_worker", _tiny_dummy_llama(tmp_path),
+                           "structured"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["error"] is not None and "rank 1" in res["error"], res
+    assert res["failed_after_s"] < 10
+    assert res["later"] is not None
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.fixture
 def no_model_load(monkeypatch):

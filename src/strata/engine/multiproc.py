@@ -343,12 +343,15 @@ class MultiprocExecutor(Executor):
 
     def _on_every_rank(self, msg, run_here, what: str):
         """Send a control message, then run its driver side, under the lock and the failure handling."""
+        return self._guarded(lambda: (self._send_ctrl(msg), run_here())[1], what)
+
+    def _guarded(self, run, what: str):
+        """run() under the lock and the failure handling: any error marks the engine dead (EngineDeadError)."""
         with self._lock:
             self._check()
             try:
                 _arm()
-                self._send_ctrl(msg)
-                out = run_here()
+                out = run()
                 _disarm()
                 return out
             except Exception as e:
@@ -358,7 +361,14 @@ class MultiprocExecutor(Executor):
 
     # ---- the executor
     def launch(self, plan: StepPlan) -> StepHandle:
-        return self._on_every_rank(("step", plan), lambda: self.runner.launch(plan), "step")
+        handle = self._on_every_rank(("step", plan), lambda: self.runner.launch(plan), "step")
+        if handle.needs_grammar:
+            # Structured outputs: the engine samples later, and sampling broadcasts the ids to the TP workers (a
+            # collective that a dead NCCL peer would block until the monitor aborts the group): the same failure
+            # handling as the launch, so it ends in EngineDeadError.
+            sample = handle.sample
+            handle.sample = lambda rows, bitmask: self._guarded(lambda: sample(rows, bitmask), "sampling")
+        return handle
 
     def collective_rpc(self, method: str, *args) -> list:
         return self._on_every_rank(("rpc", method, args),
