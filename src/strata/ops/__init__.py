@@ -180,9 +180,20 @@ def check_fused_qkv_epilogue(device: torch.device, dtype: torch.dtype, num_heads
 
 
 
-# ---- FP8 linear layers (docs/QUANTIZATION.md). The twin dequantises on every call (correct, not fast); a GPU
-# kernel (torch._scaled_mm / Triton) takes this signature's place later.
+# ---- FP8 linear layers (docs/QUANTIZATION.md). Up to ref.FP8_W8A16_MAX_M rows: weight-only, the Triton W8A16
+# kernel; more: activations quantised, torch._scaled_mm or the Triton W8A8 kernel (triton_kernels/fp8_gemm.py).
+# Elsewhere (and on GPUs older than sm_89, which have no e4m3) the twin, which dequantises on every call (correct,
+# not fast) and follows the same rule on M.
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                block_size: tuple[int, int] | None = None, input_scale: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, act_group: int | None = None) -> torch.Tensor:
-    return ref.fp8_linear(x, weight, weight_scale, block_size, input_scale, bias, act_group)
+    if not use_triton(x) or not _tk.fp8_supported(x.device):
+        return ref.fp8_linear(x, weight, weight_scale, block_size, input_scale, bias, act_group)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[0] <= ref.FP8_W8A16_MAX_M:
+        y = _tk.fp8_w8a16_linear(x2, weight, weight_scale, block_size, bias)
+    else:
+        y = _tk.fp8_w8a8_linear(x2, weight, weight_scale, block_size, input_scale, bias, act_group)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -200,6 +200,11 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
 
 # ---- FP8 (e4m3) linear layers: the twins of the FP8 GEMM kernels (weights stay float8_e4m3fn in memory) ----
 FP8_E4M3_MAX = 448.0
+# Rows (tokens) up to which an FP8 linear is weight-only ("W8A16": activations not quantised, the GPU's small-M
+# kernel); above it activations are quantised too ("W8A8": torch._scaled_mm / the Triton W8A8 kernel). The twin
+# and `strata.ops.fp8_linear` both read it at each call. Keep it a size of the decode CUDA-graph ladder (1, 2, 4,
+# 8 or a multiple of 16), so that a batch and the padded batch its graph replays fall on the same side.
+FP8_W8A16_MAX_M = 64
 
 
 def fp8_dequantize(weight: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] | None) -> torch.Tensor:
@@ -236,13 +241,15 @@ def fp8_quant_dequant(x: torch.Tensor, input_scale: torch.Tensor | None = None,
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                block_size: tuple[int, int] | None = None, input_scale: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, act_group: int | None = None) -> torch.Tensor:
-    """y = quant(x) @ dequant(weight).T (+ bias) in float32, returned in x's dtype. x [T, K]; weight [N, K] e4m3;
-    weight_scale per `fp8_dequantize`; activations per `fp8_quant_dequant` (static `input_scale`, else dynamic
-    per token, or per token and `act_group` columns: the block-scaled checkpoints' 1 x 128 groups)."""
-    xq = fp8_quant_dequant(x, input_scale, act_group)
+    """y = act(x) @ dequant(weight).T (+ bias) in float32, returned in x's dtype. x [T, K]; weight [N, K] e4m3;
+    weight_scale per `fp8_dequantize`. act: with T <= FP8_W8A16_MAX_M rows x as it is (weight-only, as the GPU's
+    W8A16 kernel; `input_scale` unused); above, quantised per `fp8_quant_dequant` (static `input_scale`, else
+    dynamic per token, or per token and `act_group` columns: the block-scaled checkpoints' 1 x 128 groups)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq = x2.float() if x2.shape[0] <= FP8_W8A16_MAX_M else fp8_quant_dequant(x2, input_scale, act_group)
     y = F.linear(xq, fp8_dequantize(weight, weight_scale, block_size),
                  None if bias is None else bias.float())
-    return y.to(x.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def fp8_quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from strata.ops.triton_kernels.decode_attention import paged_decode_attention
 from strata.ops.triton_kernels.norm import fused_add_rms_norm, rms_norm
 from strata.ops.triton_kernels.prefill_attention import paged_prefill_attention
 from strata.ops.triton_kernels.epilogue import qkv_epilogue
+from strata.ops.triton_kernels.fp8_gemm import fp8_quantize_act, fp8_supported, fp8_w8a8_linear, fp8_w8a16_linear
 from strata.ops.triton_kernels.rotary import rotary_embedding
 
 __all__ = [
@@ -22,4 +23,8 @@ __all__ = [
     "rotary_embedding",
     "silu_and_mul",
     "qkv_epilogue",
+    "fp8_w8a16_linear",
+    "fp8_w8a8_linear",
+    "fp8_quantize_act",
+    "fp8_supported",
 ]
