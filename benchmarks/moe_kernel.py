@@ -12,6 +12,12 @@ checked against the default's (same tiles up to rounding) before it is timed.
 --decode-ab: the alignment-free decode path against the sorted grouped GEMM (default tiles) at 1-16 tokens, and
 the routing kernel (softmax + top-k + renormalise in one program per token) against the torch ops, same shapes,
 same process; outputs checked against each other first.
+
+--fp8-ab: FP8 experts (weight-only: e4m3 weights, per-row scales and 128 x 128 block scales) against the bf16
+experts, same shapes, 1-256 tokens, default path and tiles (the decode kernels up to 8 tokens, then the sorted
+GEMM with the bf16-tuned tables); time, GB/s over the experts' bytes (scales included) and the speed-up. Each FP8
+output is checked first against the bf16 kernel on the dequantised weights. One H200: about 2 minutes.
+--decode-sweep --fp8 row|block: the decode kernels' tile sweep on FP8 experts (their tiles are the bf16 ones).
 """
 from __future__ import annotations
 
@@ -72,12 +78,17 @@ def main() -> int:
                     help="EXPERTSxWIDTH of one rank's experts: 128x768 (TP=1), 128x384 / 128x192 (experts TP-sharded "
                          "over 2 / 4), 64x768 / 32x768 (expert parallel over 2 / 4)")
     ap.add_argument("--tune-tokens", default="16,64,256,1024,4096")
+    ap.add_argument("--fp8-ab", action="store_true", help="FP8 experts (per-row and block scales) against bf16")
+    ap.add_argument("--fp8", choices=("row", "block"), help="--decode-sweep on FP8 experts with these scales")
+    ap.add_argument("--widths", default="768", help="--fp8-ab: expert widths (768 = TP 1, 384 = TP 2, 192 = TP 4)")
     a = ap.parse_args()
+    if a.fp8_ab:
+        return fp8_ab(a.out, [int(w) for w in a.widths.split(",")])
     if a.tune:
         return tune(a.tune, [tuple(int(v) for v in x.split("x")) for x in a.tune_shapes.split(",")],
                     [int(t) for t in a.tune_tokens.split(",")], a.out)
     if a.decode_sweep:
-        return decode_sweep(a.out)
+        return decode_sweep(a.out, a.fp8)
     if a.decode_ab:
         return decode_ab(a.out)
     import torch
@@ -179,10 +190,69 @@ def tune(out_dir: str, shapes: list[tuple[int, int]], tokens: list[int], out_pat
     return 0
 
 
-def decode_sweep(out_path: str) -> int:
+def fp8_experts(w, scheme: str):
+    """w [E, N, K] -> (e4m3 weights, float32 scales, block size or None, dequantised bf16 weights): scale = amax / 448
+    per row, or per 128 x 128 block (`block`)."""
+    import torch
+    E, N, K = w.shape
+    if scheme == "row":
+        s = w.float().abs().amax(dim=-1).clamp(min=1e-12) / 448.0  # [E, N]
+        q = (w.float() / s[..., None]).to(torch.float8_e4m3fn)
+        return q, s, None, (q.float() * s[..., None]).to(torch.bfloat16)
+    b = 128
+    p = torch.nn.functional.pad(w.float().abs(), (0, (-K) % b, 0, (-N) % b))
+    s = p.view(E, p.shape[1] // b, b, p.shape[2] // b, b).amax(dim=(2, 4)).clamp(min=1e-12) / 448.0
+    full = s.repeat_interleave(b, 1)[:, :N].repeat_interleave(b, 2)[:, :, :K]
+    q = (w.float() / full).to(torch.float8_e4m3fn)
+    return q, s, (b, b), (q.float() * full).to(torch.bfloat16)
+
+
+def fp8_ab(out_path: str, widths: list[int]) -> int:
+    """bf16 experts against FP8 experts (per-row and block scales) through `fused_moe`'s default path."""
+    import torch
+    from strata.ops.triton_kernels import fused_moe as fm
+    dev, dt = "cuda", torch.bfloat16
+    E, k, H = 128, 8, 2048
+    rows = []
+    for I in widths:
+        g = torch.Generator(device=dev).manual_seed(0)
+        w13 = (torch.randn(E, 2 * I, H, device=dev, generator=g) / H ** 0.5).to(dt)
+        w2 = (torch.randn(E, H, I, device=dev, generator=g) / I ** 0.5).to(dt)
+        variants = {"bf16": (w13, w2, {}, None)}
+        for scheme in ("row", "block"):
+            q13, s13, b13, d13 = fp8_experts(w13, scheme)
+            q2, s2, b2, d2 = fp8_experts(w2, scheme)
+            variants[f"fp8_{scheme}"] = (q13, q2, dict(w13_scale=s13, w2_scale=s2, w13_block=b13, w2_block=b2),
+                                         (d13, d2))
+        for T in (1, 2, 4, 8, 16, 64, 256):
+            x = torch.randn(T, H, device=dev, generator=g).to(dt)
+            w, ids = torch.softmax(torch.randn(T, E, device=dev, generator=g), -1).topk(k)
+            touched = int(torch.unique(ids).numel())
+            r = {"tokens": T, "expert_width": I, "experts_touched": touched,
+                 "decode_path": fm.use_decode_path(T, k, E)}
+            for name, (a13, a2, kw, deq) in variants.items():
+                out = fm.fused_moe(x, a13, a2, w, ids, **kw)
+                if deq is not None:  # against the bf16 kernel on the dequantised weights
+                    ref_out = fm.fused_moe(x, deq[0], deq[1], w, ids)
+                    r[f"{name}_max_abs_diff"] = round((out.float() - ref_out.float()).abs().max().item(), 5)
+                ms = graph_ms(lambda: fm.fused_moe(x, a13, a2, w, ids, **kw))
+                scales = [t for t in (kw.get("w13_scale"), kw.get("w2_scale")) if t is not None]
+                per_expert = sum(t[0].numel() * t.element_size() for t in [a13, a2, *scales])
+                r[f"{name}_ms"] = round(ms, 4)
+                r[f"{name}_GBps"] = round(touched * per_expert / ms / 1e6, 1)
+            for name in ("fp8_row", "fp8_block"):
+                r[f"{name}_speedup"] = round(r["bf16_ms"] / r[f"{name}_ms"], 3)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    write_record(out_path, rows, "fp8-ab")
+    return 0
+
+
+def decode_sweep(out_path: str, fp8: str | None = None) -> int:
     """Coordinate sweep of `fused_moe_decode`'s tiles: the up kernel's (bn, bk, warps) with the down kernel at its
     default, then the down kernel's with the up kernel at its default. Each config's output is checked against the
-    default's first; the bandwidth counts the bytes of the pairs' experts (each pair reads its own)."""
+    default's first; the bandwidth counts the bytes of the pairs' experts (each pair reads its own).
+    fp8: "row" | "block": the experts in FP8 with those scales (`fp8_experts`)."""
     import torch
     from strata.ops.triton_kernels import fused_moe as fm
     dev, dt = "cuda", torch.bfloat16
@@ -191,29 +261,37 @@ def decode_sweep(out_path: str) -> int:
                 for w in (2, 4, 8)]
     down_space = [{"down_bn": bn, "down_bk": bk, "down_warps": w} for bn in (4, 8, 16, 32) for bk in (64, 128, 256, 512)
                   for w in (4, 8) if bn * bk * 8 <= 65536]
+    if fp8:  # one byte per weight: deeper tiles too
+        up_space += [{"up_bn": bn, "up_bk": 1024, "up_warps": w} for bn in (4, 8, 16) for w in (2, 4, 8)]
+        down_space += [{"down_bn": bn, "down_bk": 1024, "down_warps": w} for bn in (2, 4, 8) for w in (4, 8)]
     rows = []
     for I in (768, 384, 192):
         g = torch.Generator(device=dev).manual_seed(0)
         w13 = (torch.randn(E, 2 * I, H, device=dev, generator=g) / H ** 0.5).to(dt)
         w2 = (torch.randn(E, H, I, device=dev, generator=g) / I ** 0.5).to(dt)
+        kw = {}
+        if fp8:
+            w13, s13, b13, _ = fp8_experts(w13, fp8)
+            w2, s2, b2, _ = fp8_experts(w2, fp8)
+            kw = dict(w13_scale=s13, w2_scale=s2, w13_block=b13, w2_block=b2)
         for T in (1, 2, 4, 8):
             x = torch.randn(T, H, device=dev, generator=g).to(dt)
             w, ids = torch.softmax(torch.randn(T, E, device=dev, generator=g), -1).topk(k)
-            nbytes = T * k * 3 * I * H * 2
-            base = fm.fused_moe_decode(x, w13, w2, w, ids)
+            nbytes = T * k * 3 * I * H * w13.element_size()
+            base = fm.fused_moe_decode(x, w13, w2, w, ids, **kw)
             d_cfg = fm.decode_config(I, H)
-            d_ms = graph_ms(lambda: fm.fused_moe_decode(x, w13, w2, w, ids))
+            d_ms = graph_ms(lambda: fm.fused_moe_decode(x, w13, w2, w, ids, **kw))
             r = {"tokens": T, "expert_width": I, "default": d_cfg, "default_ms": round(d_ms, 4),
                  "default_GBps": round(nbytes / d_ms / 1e6, 1)}
             for part, space in (("up", up_space), ("down", down_space)):
                 best = (d_ms, {})
                 for cfg in space:
                     try:
-                        out = fm.fused_moe_decode(x, w13, w2, w, ids, config=cfg)
+                        out = fm.fused_moe_decode(x, w13, w2, w, ids, config=cfg, **kw)
                         if not torch.allclose(out.float(), base.float(), atol=2e-2, rtol=2e-2):
                             print("mismatch", T, I, cfg, flush=True)
                             continue
-                        ms = graph_ms(lambda: fm.fused_moe_decode(x, w13, w2, w, ids, config=cfg))
+                        ms = graph_ms(lambda: fm.fused_moe_decode(x, w13, w2, w, ids, config=cfg, **kw))
                     except Exception as e:  # noqa: BLE001 - a tile that does not fit
                         print("failed", cfg, repr(e)[:120], flush=True)
                         continue
@@ -222,11 +300,11 @@ def decode_sweep(out_path: str) -> int:
                 r[f"best_{part}_ms"] = round(best[0], 4)
                 r[f"best_{part}"] = best[1]
             both = {**r["best_up"], **r["best_down"]}
-            r["both_ms"] = round(graph_ms(lambda: fm.fused_moe_decode(x, w13, w2, w, ids, config=both)), 4)
+            r["both_ms"] = round(graph_ms(lambda: fm.fused_moe_decode(x, w13, w2, w, ids, config=both, **kw)), 4)
             r["both_GBps"] = round(nbytes / r["both_ms"] / 1e6, 1)
             print(json.dumps(r), flush=True)
             rows.append(r)
-    write_record(out_path, rows, "decode-sweep")
+    write_record(out_path, rows, "decode-sweep" + (f"-fp8-{fp8}" if fp8 else ""))
     return 0
 
 

@@ -12,10 +12,11 @@ Checkpoint names handled here (everything else goes through LlamaForCausalLM.loa
   Mixtral    layers.N.block_sparse_moe.gate.weight         router
              layers.N.block_sparse_moe.experts.E.{w1,w3,w2}.weight
 
-FP8 checkpoints (docs/QUANTIZATION.md): an expert's float8_e4m3fn weight and its `weight_scale` (per tensor or
-channel) or `weight_scale_inv` (block-wise) are dequantised at load into the compute-dtype expert weights (correct;
-the experts do not keep FP8 bytes yet, and their activations are not quantised). `--quantization fp8` leaves the
-experts unquantised (the attention and dense-MLP linears are FP8).
+FP8 (docs/QUANTIZATION.md): the experts of a model with a QuantSpec are FP8 (`strata.layers.moe.Fp8Experts`)
+unless the spec's ignore list names them. An FP8 checkpoint's expert weights and their `weight_scale` (per tensor
+or channel) or `weight_scale_inv` (block-wise) are copied in as they are; `--quantization fp8` quantises each
+expert's 16/32-bit matrices per row as they are read. The experts run weight-only (their `input_scale`s are
+skipped: activations are not quantised).
 """
 from __future__ import annotations
 
@@ -27,10 +28,9 @@ from torch import nn
 
 from strata.core.errors import ModelLoadError
 from strata.layers.linear import ReplicatedLinear
-from strata.layers.moe import FusedMoE
+from strata.layers.moe import FP8, FusedMoE
 from strata.models.config import ModelConfig
-from strata.models.llama import DecoderLayer, LlamaForCausalLM
-from strata.ops import ref as ops_ref
+from strata.models.llama import DecoderLayer, LlamaForCausalLM, quant_for
 
 _EXPERT = re.compile(r"^layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\."
                      r"(weight|weight_scale|weight_scale_inv|input_scale)$")
@@ -50,9 +50,17 @@ class MoeDecoderLayer(DecoderLayer):
         if self.sparse:  # router and experts sit on the layer itself: HF's ".mlp." level is dropped on load
             self.gate = ReplicatedLinear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype)
             self.experts = FusedMoE(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,
-                                    cfg.moe_intermediate_size, self.renormalize, dtype)
+                                    cfg.moe_intermediate_size, self.renormalize, dtype,
+                                    quant=self.experts_quant(cfg, layer_idx))
         else:
             super().build_mlp(cfg, dtype, layer_idx)
+
+    @staticmethod
+    def experts_quant(cfg: ModelConfig, layer_idx: int):
+        """The QuantSpec of this layer's experts, None unless quantised: ignoring the experts (HF module
+        `mlp.experts`) or the first expert's first projection leaves all of them in the compute dtype."""
+        names = ("mlp.experts", "mlp.experts.0.gate_proj", "block_sparse_moe.experts", "block_sparse_moe.experts.0.w1")
+        return None if any(quant_for(cfg, layer_idx, n) is None for n in names) else cfg.quantization
 
     def mlp(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.sparse:
@@ -71,23 +79,9 @@ class MoeForCausalLM(LlamaForCausalLM):
     def renormalize(cfg: ModelConfig) -> bool:
         return True
 
-    def _dequantize_expert(self, pending: dict, key: tuple, kind: str, tensor: torch.Tensor):
-        """FP8 checkpoints: hold an expert's weight or scale until both are read; then the dequantised weight."""
-        slot = pending.setdefault(key, {})
-        slot["scale" if kind.startswith("weight_scale") else "weight"] = tensor
-        if len(slot) < 2:
-            return None
-        del pending[key]
-        w, s = slot["weight"], slot["scale"].float()
-        q = self.cfg.quantization
-        if q is not None and q.weight == "block":
-            return ops_ref.fp8_dequantize(w, s, q.block_size)
-        return ops_ref.fp8_dequantize(w, s.reshape(-1).expand(w.shape[0]) if s.numel() == 1 else s.reshape(-1),
-                                      None)
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded: set[str] = set()
-        pending: dict = {}  # FP8 experts: (layer, expert, part) -> weight / scale read so far
+        fp8_seen: dict = {}  # FP8 experts: (layer, expert, part) -> kinds read ("weight", "scale")
 
         def rest():
             for name, tensor in weights:
@@ -100,28 +94,32 @@ class MoeForCausalLM(LlamaForCausalLM):
                 if not self.start_layer <= idx < self.end_layer:
                     continue
                 experts = self.layers[str(idx)].experts
-                if m.re is _EXPERT:
-                    part = _PART.get(m.group(3))
+                if m.re is _STACKED:
+                    expert, part, kind = None, "w13" if m.group(2) == "gate_up_proj" else "w2", "weight"
+                else:
+                    expert, part, kind = int(m.group(2)), _PART.get(m.group(3)), m.group(4)
                     if part is None:
                         raise KeyError(f"checkpoint tensor {name!r} has no matching parameter")
-                    kind = m.group(4)
-                    if kind == "input_scale":  # the experts' activations are not quantised (dequantised experts)
+                    if kind == "input_scale":  # the experts run weight-only: activations are not quantised
                         continue
-                    if kind != "weight" or tensor.dtype == torch.float8_e4m3fn:
-                        tensor = self._dequantize_expert(pending, (idx, int(m.group(2)), part), kind, tensor)
-                        if tensor is None:
-                            continue
-                    pname = "w2" if part == "w2" else "w13"
-                    experts.weight_loader(getattr(experts, pname), tensor, (int(m.group(2)), part))
-                else:
-                    pname = "w13" if m.group(2) == "gate_up_proj" else "w2"
-                    experts.weight_loader(getattr(experts, pname), tensor, (None, pname))
-                loaded.add(f"layers.{idx}.experts.{pname}")
+                    kind = "weight" if kind == "weight" else "scale"
+                try:
+                    experts.load_expert(expert, part, tensor, kind)
+                except ValueError as e:
+                    raise ModelLoadError(f"checkpoint tensor {name!r}: {e}") from e
+                pname = "w2" if part == "w2" else "w13"
+                if experts.quant_spec is None:
+                    loaded.add(f"layers.{idx}.experts.{pname}")
+                elif kind == "scale" or tensor.dtype == FP8:  # an FP8 weight needs its scale, and a scale its weight
+                    loaded.add(f"layers.{idx}.experts.{pname}." + ("weight" if kind == "weight" else "weight_scale"))
+                    fp8_seen.setdefault((idx, expert, part), set()).add(kind)
+                else:  # a 16/32-bit weight quantised as it loads: its scale is computed
+                    loaded.update(f"layers.{idx}.experts.{pname}.{p}" for p in ("weight", "weight_scale"))
 
         loaded |= super().load_weights(rest())
-        if pending:
-            key = next(iter(pending))
-            raise ModelLoadError(f"FP8 expert {key} (layer, expert, part) has a weight or a scale but not both")
+        for key, kinds in fp8_seen.items():
+            if len(kinds) < 2:
+                raise ModelLoadError(f"FP8 expert {key} (layer, expert, part) has a weight or a scale but not both")
         return loaded
 
 

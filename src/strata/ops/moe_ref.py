@@ -9,11 +9,17 @@
 
 Each expert's GEMMs run in the input dtype (as the model's linears do); the weighted sum over the k choices is
 accumulated in fp32 and rounded once.
+
+FP8 experts (weight-only, W8A16): w13 / w2 float8_e4m3fn with w13_scale / w2_scale, per output row [E, N], or
+per block [E, ceil(N / bn), ceil(K / bk)] with w13_block / w2_block = (bn, bk). Each expert that a pair uses is
+dequantised (`strata.ops.ref.fp8_dequantize`) to the input dtype; the activations are not quantised.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from strata.ops.ref import fp8_dequantize
 
 
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
@@ -41,9 +47,22 @@ def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Te
     return F.linear(F.silu(gate) * up, w2)
 
 
+def expert_weight(w: torch.Tensor, e: int, scale: torch.Tensor | None, block: tuple[int, int] | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Expert e's weight in `dtype`: as stored, or dequantised from FP8 with its row or block scales."""
+    if scale is None:
+        if w.dtype == torch.float8_e4m3fn:
+            raise ValueError("float8_e4m3fn expert weights need their scale")
+        return w[e]
+    return fp8_dequantize(w[e], scale[e], block).to(dtype)
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, expert_offset: int = 0) -> torch.Tensor:
-    """expert_offset: topk_ids are global ids and w13 / w2 hold experts [offset, offset + E); others skipped."""
+              topk_ids: torch.Tensor, expert_offset: int = 0, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None, w13_block: tuple[int, int] | None = None,
+              w2_block: tuple[int, int] | None = None) -> torch.Tensor:
+    """expert_offset: topk_ids are global ids and w13 / w2 hold experts [offset, offset + E); others skipped.
+    FP8 experts: see the module docstring."""
     if expert_offset:
         topk_ids = topk_ids - expert_offset
     T, H = x.shape
@@ -59,6 +78,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         pairs = order[start:start + c]
         start += c
         tok = pairs // k
-        y = expert_mlp(x[tok], w13[e], w2[e])  # [c, H]
+        y = expert_mlp(x[tok], expert_weight(w13, e, w13_scale, w13_block, x.dtype),
+                       expert_weight(w2, e, w2_scale, w2_block, x.dtype))  # [c, H]
         out.index_add_(0, tok, y.float() * weights[pairs, None])
     return out.to(x.dtype)

@@ -22,6 +22,14 @@ products on CUDA cores (M is 1 per pair, so tensor-core tiles would be mostly pa
 Each pair reads its own expert's weights, so two pairs on one expert read it twice: cheap while pairs are few
 next to experts, which is what the threshold keeps. `select_experts` (softmax, top-k, renormalise) is one
 kernel too; its twin is `strata.ops.moe_ref.select_experts`.
+
+FP8 experts, weight-only (W8A16): w13 / w2 float8_e4m3fn with float32 scales (`weight_scales`). Every kernel
+loads the e4m3 tile (half the bytes: the point at batch 1, where the experts' bytes are the time) and converts it
+in registers; activations stay in their dtype. Per-row scales multiply the fp32 accumulator after the K loop;
+block scales multiply each K tile's partial product (one scale per column of the tile when the tile lies inside
+one block; the decode kernels sum each block's products apart when a tile spans several; the grouped GEMM
+dequantises the tile before the dot only for blocks narrower than 16 columns). `W_SCALE` is a constexpr: the
+16-bit kernels compile as before.
 """
 from __future__ import annotations
 
@@ -40,11 +48,12 @@ from strata.ops.triton_kernels.activation import silu_and_mul
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # T * top_k changes every step
-def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, block_expert_ptr, total_ptr,
+def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, block_expert_ptr, total_ptr, s_ptr,
                      N, K, num_pairs, a_row_div,
-                     s_am, s_ak, s_we, s_wn, s_wk, s_cm, s_cn,
+                     s_am, s_ak, s_we, s_wn, s_wk, s_cm, s_cn, s_se, s_sn, s_sk,
                      MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
+                     BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+                     W_SCALE: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     total = tl.load(total_ptr)
@@ -57,6 +66,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, block_expert_p
     a_row = pair // a_row_div
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    s_base = s_ptr + e * s_se
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -65,7 +75,19 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, block_expert_p
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
         b = tl.load(w_ptr + e * s_we + offs_n[None, :] * s_wn + offs_k[:, None] * s_wk,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
-        acc += mm(a, b, DOT_PREC, INTERP)
+        if W_SCALE == 0:  # weights in the activation dtype
+            acc += mm(a, b, DOT_PREC, INTERP)
+        elif W_SCALE == 1:  # FP8, a scale per output row: applied after the loop
+            acc += mm(a, b.to(a.dtype), DOT_PREC, INTERP)
+        elif SBK % BLOCK_K == 0:  # FP8 blocks, the K tile inside one block: one scale per column of the tile
+            s = tl.load(s_base + (offs_n // SBN) * s_sn + (k0 // SBK) * s_sk, mask=n_ok, other=0.0)
+            acc += mm(a, b.to(a.dtype), DOT_PREC, INTERP) * s[None, :]
+        else:  # FP8 blocks narrower than the K tile: the tile is dequantised before the dot
+            s = tl.load(s_base + (offs_n // SBN)[None, :] * s_sn + (offs_k // SBK)[:, None] * s_sk,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc += mm(a, (b.to(tl.float32) * s).to(a.dtype), DOT_PREC, INTERP)
+    if W_SCALE == 1:
+        acc = acc * tl.load(s_base + offs_n * s_sn, mask=n_ok, other=0.0)[None, :]
     if MUL_WEIGHT:
         w = tl.load(weight_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc * w[:, None]
@@ -165,18 +187,39 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_off
     return sorted_ids, block_expert, total, max_blocks
 
 
+def weight_scales(w: torch.Tensor, scale: torch.Tensor | None, block: tuple[int, int] | None):
+    """An expert weight's FP8 scale as the kernels take it: (scale tensor, W_SCALE, SBN, SBK, its 3 strides).
+    W_SCALE 0: no scale (w in the activation dtype); 1: a scale per output row, [E, N]; 2: block-wise,
+    [E, ceil(N / bn), ceil(K / bk)] with block = (bn, bk), powers of two."""
+    if scale is None:
+        if w.dtype == torch.float8_e4m3fn:
+            raise ValueError("float8_e4m3fn expert weights need their scale")
+        return w, 0, 1, 1, (0, 0, 0)
+    if block is None:
+        if scale.shape != w.shape[:2]:
+            raise ValueError(f"per-row scale {tuple(scale.shape)} for experts {tuple(w.shape)}")
+        return scale, 1, 1, 1, (scale.stride(0), scale.stride(1), 0)
+    bn, bk = block
+    if bn & (bn - 1) or bk & (bk - 1):
+        raise ValueError(f"block sizes {block} are not powers of two")
+    if scale.shape != (w.shape[0], triton.cdiv(w.shape[1], bn), triton.cdiv(w.shape[2], bk)):
+        raise ValueError(f"block scale {tuple(scale.shape)} for experts {tuple(w.shape)} and blocks {block}")
+    return scale, 2, bn, bk, tuple(scale.stride())
+
+
 def _gemm(a, w, c, weights, sorted_ids, block_expert, total, max_blocks, num_pairs, a_row_div, mul_weight,
-          block_m, block_n=64, block_k=64, num_warps=4, num_stages=None):
+          block_m, block_n=64, block_k=64, num_warps=4, num_stages=None, scale=None, block=None):
     N, K = w.shape[1], w.shape[2]
+    sc, mode, sbn, sbk, (s_se, s_sn, s_sk) = weight_scales(w, scale, block)
     block_n = max(16, min(block_n, triton.next_power_of_2(N)))
-    block_k = max(16, min(block_k, triton.next_power_of_2(K)))
+    block_k = max(16, min(block_k, triton.next_power_of_2(K), sbk if mode == 2 else block_k))  # K tiles inside blocks
     grid = (max_blocks, triton.cdiv(N, block_n))
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    _moe_gemm_kernel[grid](a, w, c, weights, sorted_ids, block_expert, total, N, K, num_pairs, a_row_div,
+    _moe_gemm_kernel[grid](a, w, c, weights, sorted_ids, block_expert, total, sc, N, K, num_pairs, a_row_div,
                            a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
-                           c.stride(0), c.stride(1), MUL_WEIGHT=mul_weight, BLOCK_M=block_m, BLOCK_N=block_n,
-                           BLOCK_K=block_k, DOT_PREC=dot_precision(a.dtype), INTERP=interpreting(),
-                           num_warps=num_warps, **extra)
+                           c.stride(0), c.stride(1), s_se, s_sn, s_sk, MUL_WEIGHT=mul_weight, BLOCK_M=block_m,
+                           BLOCK_N=block_n, BLOCK_K=block_k, DOT_PREC=dot_precision(a.dtype), INTERP=interpreting(),
+                           W_SCALE=mode, SBN=sbn, SBK=sbk, num_warps=num_warps, **extra)
 
 
 def default_config(num_pairs: int, num_experts: int) -> dict:
@@ -220,16 +263,22 @@ def tuned_config(T: int, E: int, I: int, H: int, device_name: str | None) -> dic
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, config: dict | None = None, expert_offset: int = 0) -> torch.Tensor:
+              topk_ids: torch.Tensor, config: dict | None = None, expert_offset: int = 0,
+              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              w13_block: tuple[int, int] | None = None, w2_block: tuple[int, int] | None = None) -> torch.Tensor:
     """config: tile sizes ({block_m, block_n, block_k, num_warps, num_stages}; default `default_config`).
     expert_offset: topk_ids are global and w13 / w2 hold experts [offset, offset + E) (expert parallelism);
-    pairs routed elsewhere are skipped, as ids outside [0, E) are without an offset."""
+    pairs routed elsewhere are skipped, as ids outside [0, E) are without an offset.
+    FP8 experts (weight-only, W8A16): w13 / w2 float8_e4m3fn with w13_scale / w2_scale per output row [E, N], or
+    per block [E, ceil(N / bn), ceil(K / bk)] with w13_block / w2_block = (bn, bk) (see `weight_scales`); each
+    weight tile is converted to the activation dtype in registers, the activations are not quantised."""
     T, H = x.shape
     k = topk_ids.shape[1]
     E, two_i, _ = w13.shape
     P = T * k
+    fp8 = dict(w13_scale=w13_scale, w2_scale=w2_scale, w13_block=w13_block, w2_block=w2_block)
     if config is None and use_decode_path(T, k, E):
-        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset)
+        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset, **fp8)
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     if T == 0:
         return out
@@ -244,18 +293,34 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     weights = topk_weights.reshape(-1).contiguous()
     x = x.contiguous()
     c1 = torch.empty((P, two_i), dtype=x.dtype, device=x.device)  # [T*k, 2I] in pair order
-    _gemm(x, w13, c1, weights, sorted_ids, block_expert, total, max_blocks, P, k, False, block_m, **tiles)
+    _gemm(x, w13, c1, weights, sorted_ids, block_expert, total, max_blocks, P, k, False, block_m, **tiles,
+          scale=w13_scale, block=w13_block)
     act = silu_and_mul(c1)  # [T*k, I]
     c2 = torch.zeros((P, H), dtype=torch.float32, device=x.device)  # unscheduled pairs stay 0
-    _gemm(act, w2, c2, weights, sorted_ids, block_expert, total, max_blocks, P, 1, True, block_m, **tiles)
+    _gemm(act, w2, c2, weights, sorted_ids, block_expert, total, max_blocks, P, 1, True, block_m, **tiles,
+          scale=w2_scale, block=w2_block)
     return c2.view(T, k, H).sum(dim=1).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- decode path
 @triton.jit
-def _moe_decode_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, I, H, E, offset,
-                          s_xm, s_we, s_wn, s_wk, s_am,
-                          K_TOP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _block_scaled_sum(p, s_rows, row_ok, k0, K, s_sk, R: tl.constexpr, SBK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Row sums of the products p [R, BLOCK_K] (fp32; columns k0 + [0, BLOCK_K)) with each SBK-wide column block
+    times its scale: s_rows [R] points at each row's scales, block j at s_rows + j * s_sk."""
+    if BLOCK_K <= SBK:  # the tile lies in one block
+        return tl.sum(p, axis=1) * tl.load(s_rows + (k0 // SBK) * s_sk, mask=row_ok, other=0.0)
+    else:
+        kb = k0 // SBK + tl.arange(0, BLOCK_K // SBK)
+        part = tl.sum(tl.reshape(p, (R, BLOCK_K // SBK, SBK)), axis=2)  # [R, NB]
+        s = tl.load(s_rows[:, None] + kb[None, :] * s_sk, mask=row_ok[:, None] & (kb * SBK < K)[None, :], other=0.0)
+        return tl.sum(part * s, axis=1)
+
+
+@triton.jit
+def _moe_decode_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, s_ptr, I, H, E, offset,
+                          s_xm, s_we, s_wn, s_wk, s_am, s_se, s_sn, s_sk,
+                          K_TOP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          W_SCALE: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr):
     p = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(ids_ptr + p).to(tl.int64) - offset
@@ -267,6 +332,7 @@ def _moe_decode_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, I, H, E, offset,
     acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
     w_base = w_ptr + e * s_we
+    s_base = s_ptr + e * s_se
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < H
@@ -274,8 +340,17 @@ def _moe_decode_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, I, H, E, offset,
         m = n_ok[:, None] & k_ok[None, :]
         wg = tl.load(w_base + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk, mask=m, other=0.0)
         wu = tl.load(w_base + (offs_n[:, None] + I) * s_wn + offs_k[None, :] * s_wk, mask=m, other=0.0)
-        acc_g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
-        acc_u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+        if W_SCALE == 2:  # FP8 blocks: each block's partial sum times its scale
+            acc_g += _block_scaled_sum(wg.to(tl.float32) * xv[None, :], s_base + (offs_n // SBN) * s_sn, n_ok,
+                                       k0, H, s_sk, BLOCK_N, SBK, BLOCK_K)
+            acc_u += _block_scaled_sum(wu.to(tl.float32) * xv[None, :], s_base + ((offs_n + I) // SBN) * s_sn,
+                                       n_ok, k0, H, s_sk, BLOCK_N, SBK, BLOCK_K)
+        else:
+            acc_g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
+            acc_u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+    if W_SCALE == 1:  # FP8, a scale per row
+        acc_g = acc_g * tl.load(s_base + offs_n * s_sn, mask=n_ok, other=0.0)
+        acc_u = acc_u * tl.load(s_base + (offs_n + I) * s_sn, mask=n_ok, other=0.0)
     out_ty = act_ptr.dtype.element_ty
     g = acc_g.to(out_ty).to(tl.float32)  # the GEMM's output rounds as in the twin
     u = acc_u.to(out_ty).to(tl.float32)
@@ -283,10 +358,10 @@ def _moe_decode_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, I, H, E, offset,
 
 
 @triton.jit
-def _moe_decode_down_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, H, I, E, offset,
-                            s_am, s_we, s_wn, s_wk, s_om,
+def _moe_decode_down_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, s_ptr, H, I, E, offset,
+                            s_am, s_we, s_wn, s_wk, s_om, s_se, s_sn, s_sk,
                             K_TOP: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
+                            BLOCK_K: tl.constexpr, W_SCALE: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr):
     """One token's column block over all of its k pairs at once: [K_PAD, BLOCK_N, BLOCK_K] weight tiles, so that
     each iteration has k experts' loads in flight."""
     t = tl.program_id(0)
@@ -303,12 +378,27 @@ def _moe_decode_down_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, H, I, E, 
     width = tl.where(valid, I, 0)  # an invalid pair loads nothing
     acc = tl.zeros((K_PAD, BLOCK_N), dtype=tl.float32)
     w_rows = w_ptr + e[:, None, None] * s_we + offs_n[None, :, None] * s_wn  # [K_PAD, BN, 1]
+    s_ok = valid[:, None] & n_ok[None, :]  # [K_PAD, BN]
+    s_rows = s_ptr + e[:, None] * s_se + (offs_n // SBN)[None, :] * s_sn  # [K_PAD, BN]: row (block) scales
     for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k[None, :] < width[:, None]  # [K_PAD, BK]
         a = tl.load(act_ptr + pair[:, None] * s_am + offs_k[None, :], mask=k_ok, other=0.0).to(tl.float32)
         w = tl.load(w_rows + offs_k[None, None, :] * s_wk, mask=k_ok[:, None, :] & n_ok[None, :, None], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
+        prod = w.to(tl.float32) * a[:, None, :]
+        if W_SCALE == 2:  # FP8 blocks (as _block_scaled_sum, one more axis)
+            if BLOCK_K <= SBK:
+                acc += tl.sum(prod, axis=2) * tl.load(s_rows + (k0 // SBK) * s_sk, mask=s_ok, other=0.0)
+            else:
+                kb = k0 // SBK + tl.arange(0, BLOCK_K // SBK)
+                part = tl.sum(tl.reshape(prod, (K_PAD, BLOCK_N, BLOCK_K // SBK, SBK)), axis=3)  # [K_PAD, BN, NB]
+                s = tl.load(s_rows[:, :, None] + kb[None, None, :] * s_sk,
+                            mask=s_ok[:, :, None] & (kb * SBK < I)[None, None, :], other=0.0)
+                acc += tl.sum(part * s, axis=2)
+        else:
+            acc += tl.sum(prod, axis=2)
+    if W_SCALE == 1:  # FP8, a scale per row
+        acc = acc * tl.load(s_rows, mask=s_ok, other=0.0)
     out_ty = out_ptr.dtype.element_ty
     y = acc.to(out_ty).to(tl.float32)  # each expert's output rounds as in the twin
     tl.store(out_ptr + t * s_om + offs_n, tl.sum(wt[:, None] * y, axis=0).to(out_ty), mask=n_ok)
@@ -330,8 +420,11 @@ def decode_config(I: int, H: int) -> dict:
 
 
 def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor, config: dict | None = None, expert_offset: int = 0) -> torch.Tensor:
-    """`fused_moe` for few tokens: the two matrix-vector kernels above, no alignment. config: `decode_config`."""
+                     topk_ids: torch.Tensor, config: dict | None = None, expert_offset: int = 0,
+                     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                     w13_block: tuple[int, int] | None = None, w2_block: tuple[int, int] | None = None) -> torch.Tensor:
+    """`fused_moe` for few tokens: the two matrix-vector kernels above, no alignment. config: `decode_config`
+    (FP8 experts take the same tiles: not swept for them yet). FP8 scales as in `fused_moe`."""
     T, H = x.shape
     k = topk_ids.shape[1]
     E, two_i, _ = w13.shape
@@ -345,13 +438,16 @@ def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     ids = topk_ids.reshape(-1).contiguous()
     wts = topk_weights.reshape(-1).contiguous()
     act = torch.empty((P, I), dtype=x.dtype, device=x.device)
+    s1, mode1, sbn1, sbk1, st1 = weight_scales(w13, w13_scale, w13_block)
+    s2, mode2, sbn2, sbk2, st2 = weight_scales(w2, w2_scale, w2_block)
     _moe_decode_up_kernel[(P, triton.cdiv(I, c["up_bn"]))](
-        x, w13, ids, act, I, H, E, expert_offset, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0),
-        K_TOP=k, BLOCK_N=c["up_bn"], BLOCK_K=c["up_bk"], num_warps=c["up_warps"])
+        x, w13, ids, act, s1, I, H, E, expert_offset, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2),
+        act.stride(0), *st1, K_TOP=k, BLOCK_N=c["up_bn"], BLOCK_K=c["up_bk"], W_SCALE=mode1, SBN=sbn1, SBK=sbk1,
+        num_warps=c["up_warps"])
     _moe_decode_down_kernel[(T, triton.cdiv(H, c["down_bn"]))](
-        act, w2, ids, wts, out, H, I, E, expert_offset, act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
-        K_TOP=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=c["down_bn"], BLOCK_K=c["down_bk"],
-        num_warps=c["down_warps"])
+        act, w2, ids, wts, out, s2, H, I, E, expert_offset, act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2),
+        out.stride(0), *st2, K_TOP=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=c["down_bn"], BLOCK_K=c["down_bk"],
+        W_SCALE=mode2, SBN=sbn2, SBK=sbk2, num_warps=c["down_warps"])
     return out
 
 
