@@ -131,6 +131,12 @@ SUITES: dict[str, Suite] = {
                      "run, decode-attention config sweep, parity with the torch twins (kernels.py --quick)", [
         Step("kernels", "{py} benchmarks/kernels.py --quick --out {out}/kernels.json", 200, tail=25),
     ]),
+    "fp8-kv": Suite("nvidia-h200", "FP8 KV cache (issue 21): the Triton cache write, decode and prefill kernels on "
+                    "an fp8 cache against the twins on CUDA, decode-attention time fp8 vs bf16 cache at 1k / 6k "
+                    "context in a CUDA graph, a tiny engine with fp8 KV and CUDA graphs (fp8_kv_gpu.py, ~1 min)", [
+        Step("fp8_kv_gpu", "{py} benchmarks/fp8_kv_gpu.py --tokenizer {tok} --out {out}/fp8_kv_gpu.json", 150,
+             tail=20),
+    ]),
     "prefix-hash": Suite("nvidia-h200", "SHA-256 prefix-cache keys against Python hash() patched in, sharegpt1000, "
                          "3 alternating rounds in one engine (prefix_hash_cost.py)", [
         Step("prefix_hash_cost", "{py} benchmarks/prefix_hash_cost.py --model qwen3-4b --tokenizer {tok} "

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # --kv-cache-dtype (vLLM's names; fp8 is e4m3)
+
+
 @dataclass
 class EngineArgs:
     model: str | None = field(default=None, metadata={"help": "HF model directory, hub id, or .gguf file (default: the embedded SmolLM2-135M-Instruct)"})
@@ -20,6 +23,7 @@ class EngineArgs:
     load_format: str = field(default="auto", metadata={"help": "auto | safetensors | gguf | dummy (random weights)", "choices": ["auto", "safetensors", "gguf", "dummy"]})
     quantization: str | None = field(default=None, metadata={"help": "fp8: quantise the linear weights to FP8 at load (per-row weight scales, dynamic per-token activation scales; docs/QUANTIZATION.md). FP8 checkpoints (quantization_config) load as FP8 without it"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, float32 on CPU)"})
+    kv_cache_dtype: str = field(default="auto", metadata={"help": "auto | fp8 | fp8_e4m3: the KV cache's dtype (auto: the model's dtype; fp8 = fp8_e4m3: float8 e4m3 with per-layer k/v scales from the checkpoint, else 1.0; half the KV bytes, so twice the blocks; docs/QUANTIZATION.md)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length (default: the model's, capped by the KV pool)"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
@@ -113,3 +117,4 @@ class EngineConfig:
     check_invariants: bool
     disable_log_stats: bool
     async_scheduling: bool  # overlapped steps (never with pipeline stages)
+    kv_cache_dtype: Any = None  # torch.dtype of the KV cache (None: `dtype`)

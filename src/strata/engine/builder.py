@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from strata.config.engine import EngineArgs, EngineConfig
+from strata.config.engine import KV_CACHE_DTYPES, EngineArgs, EngineConfig
 from strata.core.errors import ParameterError
 from strata.engine.executor import InProcExecutor
 from strata.engine.tokenizer import Tokenizer
@@ -34,6 +34,7 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
 
 def resolve_source(args: EngineArgs) -> tuple[ModelSource, ModelConfig]:
+    check_kv_cache_dtype(args.kv_cache_dtype)  # before anything loads
     overrides = json.loads(args.hf_overrides) if isinstance(args.hf_overrides, str) else args.hf_overrides
     source = resolve_model(args.model, overrides)
     return source, apply_quantization(args, model_config_from_dict(source.config))
@@ -76,6 +77,24 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     return table[name]
 
 
+def check_kv_cache_dtype(name: str) -> None:
+    if name not in KV_CACHE_DTYPES:
+        raise ParameterError("kv_cache_dtype", f"--kv-cache-dtype {name!r} is not supported (accepted: "
+                                               f"{', '.join(KV_CACHE_DTYPES)})")
+
+
+def pick_kv_cache_dtype(name: str, dtype: torch.dtype, device: str) -> torch.dtype:
+    """--kv-cache-dtype: auto = the model's dtype; fp8 = fp8_e4m3 = float8_e4m3fn (1 byte per element)."""
+    check_kv_cache_dtype(name)
+    if name == "auto":
+        return dtype
+    if device.startswith("cuda") and torch.cuda.get_device_capability(torch.device(device)) < (8, 9):
+        raise ParameterError("kv_cache_dtype", f"--kv-cache-dtype {name} needs a GPU with FP8 support (compute "
+                                               f"capability 8.9 or newer: Ada, Hopper, Blackwell); "
+                                               f"{torch.cuda.get_device_name(torch.device(device))} has not")
+    return torch.float8_e4m3fn
+
+
 def load_tokenizer(args: EngineArgs, source: ModelSource) -> Tokenizer:
     if args.tokenizer:
         return Tokenizer.from_pretrained(args.tokenizer)
@@ -104,14 +123,18 @@ class LoadedRank:
     num_blocks: int
     max_model_len: int
     max_num_batched_tokens: int
+    kv_cache_dtype: torch.dtype | None = None  # None: dtype
 
 
 def load_rank(args: EngineArgs, source: ModelSource, model_cfg: ModelConfig, device: str) -> LoadedRank:
     """This process's model (its shards, when a mesh is set up) and the KV pool it can hold."""
     dtype = pick_dtype(args.dtype, device)
+    kv_dtype = pick_kv_cache_dtype(args.kv_cache_dtype, dtype, device)
     model = build_model(device, dtype, args.load_format, model_cfg, source)
-    mem = plan_memory(args, model_cfg, device, dtype, model)
-    return LoadedRank(model, dtype, mem.num_blocks, mem.max_model_len, mem.max_num_batched_tokens)
+    mem = plan_memory(args, model_cfg, device, dtype, model, kv_dtype=kv_dtype)
+    log.info("KV cache: %d blocks of %d tokens, %s, %.1f MiB", mem.num_blocks, args.block_size,
+             str(kv_dtype).removeprefix("torch."), mem.kv_bytes / (1 << 20))
+    return LoadedRank(model, dtype, mem.num_blocks, mem.max_model_len, mem.max_num_batched_tokens, kv_dtype)
 
 
 def resolve_config(args: EngineArgs, source: ModelSource, model_cfg: ModelConfig, device: str,
@@ -142,7 +165,7 @@ def resolve_config(args: EngineArgs, source: ModelSource, model_cfg: ModelConfig
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=pp,
         data_parallel_size=args.data_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         check_invariants=args.check_invariants, disable_log_stats=args.disable_log_stats,
-        async_scheduling=async_scheduling)
+        async_scheduling=async_scheduling, kv_cache_dtype=rank.kv_cache_dtype or rank.dtype)
 
 
 def build_inproc(args: EngineArgs):

@@ -15,6 +15,7 @@ from strata.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from strata.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from strata.layers.norm_rotary import RMSNorm, RotaryEmbedding
 from strata.models.config import ModelConfig
+from strata.models.loader import kv_scale_target
 from strata.parallel import state as ps
 
 
@@ -74,8 +75,9 @@ class DecoderLayer(nn.Module):
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(hidden)))
 
 
-# FP8 checkpoints' KV-cache scales (an FP8 KV cache is not built yet: the cache keeps the compute dtype)
-_SKIPPED = (".k_scale", ".v_scale", ".kv_scale", ".q_scale", ".prob_scale")
+# Attention quantisation scales strata does not use: queries and softmax probabilities stay in the compute dtype.
+# (KV-cache scales are read: `kv_scale_target`.)
+_SKIPPED = (".q_scale", ".prob_scale")
 
 
 class LlamaForCausalLM(nn.Module):
@@ -140,6 +142,11 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or name.endswith(_SKIPPED):
+                continue
+            if (kv := kv_scale_target(name)) is not None:  # FP8 KV-cache scales: the layer's, when on this stage
+                if self.start_layer <= kv[0] < self.end_layer:
+                    for which in kv[1]:
+                        self.layers[str(kv[0])].attn.load_kv_scale(which, tensor)
                 continue
             name = name.removeprefix("model.").replace(".weight_scale_inv", ".weight_scale")
             if name.startswith("lm_head."):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -101,6 +102,25 @@ def iter_hf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         except Exception as e:
             raise ModelLoadError(f"corrupt or unreadable weight file {fp}: {e}") from e
         yield from sd.items()
+
+
+# FP8 KV-cache scales of a checkpoint, per attention module (names after "model."): `self_attn.k_scale` /
+# `v_scale` (FP8 checkpoints, llm-compressor), `self_attn.kv_scale` (older: one scale for K and V),
+# `self_attn.{k,v}_proj.{k,v}_scale` (ModelOpt), `self_attn.{k,v}_proj.output_scale` (older compressed-tensors).
+_KV_SCALE = re.compile(r"layers\.(\d+)\.self_attn\.(?:(k_scale|v_scale|kv_scale)|k_proj\.(k_scale|output_scale)"
+                       r"|v_proj\.(v_scale|output_scale))$")
+
+
+def kv_scale_target(name: str) -> tuple[int, tuple[str, ...]] | None:
+    """(layer index, the scales it sets: ("k_scale",), ("v_scale",) or both) when checkpoint tensor `name` (with
+    or without the "model." prefix) is a KV-cache scale, else None."""
+    m = _KV_SCALE.fullmatch(name.removeprefix("model."))
+    if m is None:
+        return None
+    plain, k_proj = m.group(2), m.group(3)
+    which = ("k_scale", "v_scale") if plain == "kv_scale" else (plain,) if plain else \
+        ("k_scale",) if k_proj else ("v_scale",)
+    return int(m.group(1)), which
 
 
 def load_weights(model: torch.nn.Module, source: ModelSource, load_format: str) -> None:

@@ -62,35 +62,40 @@ def use_triton(t: torch.Tensor) -> bool:
     return _kernels() is not None
 
 
+# The KV ops take an fp8 cache (float8_e4m3fn) with per-layer k_scale / v_scale tensors (ref.py's docstring).
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
+                      slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> None:
     if use_triton(key):
-        return _tk.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
-    return ref.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+        return _tk.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return ref.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           max_seq_len: int | None = None, sliding_window: int | None = None) -> torch.Tensor:
+                           max_seq_len: int | None = None, sliding_window: int | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     if use_triton(q):
         return _tk.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len,
-                                          sliding_window=sliding_window)
+                                          sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
+    # the C kernel reads float32 caches only: with an fp8 cache it declines (None) and the twin runs
     if q.device.type == "cpu" and (out := cpu.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                                                      scale, sliding_window)) is not None:
         return out
     return ref.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len,
-                                      sliding_window)
+                                      sliding_window, k_scale, v_scale)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             seq_lens: torch.Tensor, scale: float,
-                            sliding_window: int | None = None) -> torch.Tensor:
+                            sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     if use_triton(q):
         return _tk.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                                           sliding_window=sliding_window)
+                                           sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
     return ref.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                                       sliding_window)
+                                       sliding_window, k_scale, v_scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -134,12 +139,14 @@ _fused_epilogue_ok = True
 def qkv_epilogue(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                  q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                 num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+                 num_heads: int, num_kv_heads: int, head_dim: int, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> torch.Tensor:
     args = (qkv, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps, k_cache, v_cache, slot_mapping,
             num_heads, num_kv_heads, head_dim)
-    if use_triton(qkv) and _fused_epilogue_ok:
+    # the fused kernel stores K/V in the cache's dtype unscaled: an fp8 cache takes the unfused kernels
+    if use_triton(qkv) and _fused_epilogue_ok and not ref.is_fp8_kv(k_cache):
         return _tk.qkv_epilogue(*args)
-    return ref.qkv_epilogue(*args, ops=_this())
+    return ref.qkv_epilogue(*args, ops=_this(), k_scale=k_scale, v_scale=v_scale)
 
 
 def _this():

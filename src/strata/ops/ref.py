@@ -7,6 +7,10 @@ Paged KV-cache layout, shared by every backend:
 
 Sliding window (`sliding_window` W, None or 0 = off): the query at position p sees keys p - W + 1 .. p, its
 own key and the W - 1 before it (transformers' `kv_idx > q_idx - sliding_window`).
+
+FP8 KV cache (`--kv-cache-dtype fp8`): caches of dtype float8_e4m3fn, with one float32 `k_scale` and `v_scale` per
+layer (tensors of one element; None = 1.0). The write stores clamp(x / scale, -448, 448) cast to e4m3 (values
+past the e4m3 range saturate, never NaN); a read is stored * scale. The scales are used only with an fp8 cache.
 """
 from __future__ import annotations
 
@@ -14,13 +18,42 @@ import torch
 import torch.nn.functional as F
 
 
+FP8_KV = torch.float8_e4m3fn  # the FP8 KV-cache dtype (vLLM's fp8 / fp8_e4m3)
+FP8_KV_MAX = 448.0  # largest finite e4m3fn value
+
+
+def is_fp8_kv(cache: torch.Tensor) -> bool:
+    return cache.dtype == FP8_KV
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x [..] -> e4m3: clamp(x / scale, -448, 448), rounded to nearest even (what the cache write stores)."""
+    xf = x.float() if scale is None else x.float() / scale.float()
+    return xf.clamp(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """What attention reads from a cache slice: stored * scale (fp8 cache) in `dtype`; other caches as stored."""
+    if not is_fp8_kv(x) or scale is None:
+        return x.to(dtype)
+    return (x.float() * scale.float()).to(dtype)
+
+
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
-    """key/value: [T, kvh, d]; writes each token's K/V into its slot. Slots < 0 are skipped."""
+                      slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> None:
+    """key/value: [T, kvh, d]; writes each token's K/V into its slot. Slots < 0 are skipped. An fp8 cache
+    stores quantize_kv(key, k_scale) and quantize_kv(value, v_scale)."""
     nb, bs, kvh, d = k_cache.shape
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    if is_fp8_kv(k_cache):  # index_copy_ has no float8 kernel on the CPU: copy the bytes
+        k_cache.view(torch.uint8).view(nb * bs, kvh, d).index_copy_(
+            0, slot_mapping.long(), quantize_kv(key, k_scale).view(torch.uint8))
+        v_cache.view(torch.uint8).view(nb * bs, kvh, d).index_copy_(
+            0, slot_mapping.long(), quantize_kv(value, v_scale).view(torch.uint8))
+        return
     k_cache.view(nb * bs, kvh, d).index_copy_(0, slot_mapping.long(), key.to(k_cache.dtype))
     v_cache.view(nb * bs, kvh, d).index_copy_(0, slot_mapping.long(), value.to(v_cache.dtype))
 
@@ -37,12 +70,16 @@ DECODE_GROUP = 16  # CPU: sequences of similar length are padded together, in gr
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           max_seq_len: int | None = None, sliding_window: int | None = None) -> torch.Tensor:
+                           max_seq_len: int | None = None, sliding_window: int | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence. On CPU, large batches are sorted by length and attended in groups, so
-    that a short sequence is not padded (gathered and masked) to the longest one in the batch."""
+    that a short sequence is not padded (gathered and masked) to the longest one in the batch.
+    An fp8 cache is read as stored * k_scale / v_scale (`dequantize_kv`)."""
     B = q.shape[0]
+    kv_scales = (k_scale, v_scale)
     if q.device.type != "cpu" or B <= DECODE_GROUP:
-        return _decode_padded(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, sliding_window)
+        return _decode_padded(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, sliding_window,
+                              *kv_scales)
     lens = seq_lens.tolist()
     order = sorted(range(B), key=lens.__getitem__)
     out = torch.empty_like(q)
@@ -50,13 +87,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         idx = order[i:i + DECODE_GROUP]
         rows = torch.tensor(idx)
         out[rows] = _decode_padded(q[rows], k_cache, v_cache, block_tables[rows], seq_lens[rows], scale,
-                                   lens[idx[-1]], sliding_window)
+                                   lens[idx[-1]], sliding_window, *kv_scales)
     return out
 
 
 def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                   max_seq_len: int | None = None, sliding_window: int | None = None) -> torch.Tensor:
+                   max_seq_len: int | None = None, sliding_window: int | None = None,
+                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence. q: [B, H, d]; seq_lens: [B] (context incl. the query token).
 
     Returns [B, H, d]. Gathers every sequence's keys padded to the longest and masks the tail; one fused
@@ -75,7 +113,8 @@ def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     if sliding_window:
         mask &= pos[None, :] >= lens - sliding_window
     mask = mask.view(B, 1, 1, L)
-    out = F.scaled_dot_product_attention(q.view(B, H, 1, d), k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+    out = F.scaled_dot_product_attention(q.view(B, H, 1, d), dequantize_kv(k, k_scale, q.dtype),
+                                         dequantize_kv(v, v_scale, q.dtype), attn_mask=mask,
                                          scale=scale, enable_gqa=kvh != H)
     return out.view(B, H, d)
 
@@ -83,8 +122,10 @@ def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             seq_lens: torch.Tensor, scale: float,
-                            sliding_window: int | None = None) -> torch.Tensor:
-    """Varlen causal attention over the paged cache (new tokens already written to it).
+                            sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Varlen causal attention over the paged cache (new tokens already written to it; an fp8 cache is read
+    as stored * k_scale / v_scale).
 
     q: [T, H, d], tokens of sequence b are q[query_start_loc[b]:query_start_loc[b+1]].
     seq_lens[b] = context length after this step; query token i of sequence b sits at position
@@ -106,8 +147,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         v = gather_kv(v_cache, block_tables[b], L)[lo:]
         # [1, heads, tokens, d], contiguous: the fused CPU kernels need it (strided inputs ran 5x slower)
         qb = q[s:e].transpose(0, 1).contiguous().unsqueeze(0)
-        kb = k.transpose(0, 1).to(q.dtype).contiguous().unsqueeze(0)
-        vb = v.transpose(0, 1).to(q.dtype).contiguous().unsqueeze(0)
+        kb = dequantize_kv(k.transpose(0, 1), k_scale, q.dtype).contiguous().unsqueeze(0)
+        vb = dequantize_kv(v.transpose(0, 1), v_scale, q.dtype).contiguous().unsqueeze(0)
         gqa = kvh != H
         if n == L and not sliding_window:
             o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -164,9 +205,11 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 def qkv_epilogue(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                  q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                 num_heads: int, num_kv_heads: int, head_dim: int, ops=None) -> torch.Tensor:
+                 num_heads: int, num_kv_heads: int, head_dim: int, ops=None, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention inputs from a fused qkv [T, (H + 2 kvh) d]: per-head RMSNorm of q and k (when weights are
-    given), neox rotary, K/V written into the cache (slot -1 skipped). Returns q [T, H*d].
+    given), neox rotary, K/V written into the cache (slot -1 skipped; an fp8 cache with k_scale / v_scale).
+    Returns q [T, H*d].
     `ops`: the module whose pieces to compose (default: these twins; strata.ops composes its dispatched ones)."""
     norm, rotate, cache = ((rms_norm, rotary_embedding, reshape_and_cache) if ops is None else
                            (ops.rms_norm, ops.rotary_embedding, ops.reshape_and_cache))
@@ -178,7 +221,7 @@ def qkv_epilogue(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torc
         k = norm(k.reshape(T, num_kv_heads, head_dim), k_norm_weight, eps).reshape(T, ks)
     q, k = rotate(positions, q, k, cos_sin_cache, head_dim)
     cache(k.reshape(T, num_kv_heads, head_dim), v.reshape(T, num_kv_heads, head_dim), k_cache, v_cache,
-          slot_mapping)
+          slot_mapping, k_scale, v_scale)
     return q
 
 

@@ -33,7 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="built-in architecture (e.g. llama-3-70b, qwen3-30b-a3b, opt-175b), HF id of a known model, "
                         "directory with config.json, or an HF id in the local HF cache")
     m.add_argument("--dtype", default=None, help="weight dtype: bf16 (default: config's), fp16, fp8, int4")
-    m.add_argument("--kv-dtype", default="bf16", help="KV-cache dtype (default bf16)")
+    m.add_argument("--kv-cache-dtype", "--kv-dtype", dest="kv_dtype", default="auto",
+                   help="KV-cache dtype, as the engine's --kv-cache-dtype: auto (the model's compute dtype: bf16, or "
+                        "fp16 with --dtype fp16), fp8 / fp8_e4m3 (1 byte per element), or bf16, fp16, fp32 "
+                        "(--kv-dtype: the older name; default auto)")
     h = p.add_argument_group("hardware")
     h.add_argument("--gpus", type=int, default=None,
                    help="number of GPUs (required; with --replicas: the most GPUs one replica may use, default 16)")
@@ -97,6 +100,7 @@ def _run(args) -> int:
     from strata.plan.arch import load_arch
     from strata.plan.constants import Constants
     from strata.plan.estimate import Workload
+    from strata.plan.layout import resolve_kv_dtype
     from strata.plan.planner import make_plan
     from strata.plan.replicas import parse_rates, size_fleet
     from strata.plan.report import render_fleet, render_plan
@@ -105,6 +109,7 @@ def _run(args) -> int:
     gpus = _gpus(args)
     constants = Constants.from_json(args.constants) if args.constants else Constants()
     dtype = args.dtype or arch.dtype
+    args.kv_dtype = resolve_kv_dtype(args.kv_dtype, dtype)
     top = None if not args.top else args.top
     if args.replicas:
         wl = Workload(args.prompt_len, args.output_len, 1, args.max_num_seqs)

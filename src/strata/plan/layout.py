@@ -24,11 +24,27 @@ DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "
 ACT_BYTES = 2.0  # activations and collectives move bf16
 
 
+DTYPE_ALIASES = {"fp8_e4m3": "fp8", "float8_e4m3fn": "fp8", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
 def dtype_bytes(name: str) -> float:
     try:
-        return DTYPE_BYTES[name.lower()]
+        return DTYPE_BYTES[DTYPE_ALIASES.get(name.lower(), name.lower())]
     except KeyError:
         raise PlanError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_BYTES)}") from None
+
+
+def resolve_kv_dtype(kv_dtype: str, dtype: str) -> str:
+    """The KV-cache dtype name the planner uses for the engine's --kv-cache-dtype value: auto = the model's compute
+    dtype (the weight dtype when it is 16/32-bit, else bf16: FP8 or int4 weights compute in bf16, as the engine
+    does), fp8_e4m3 = fp8; plain names (bf16, fp16, fp8, ...) pass through."""
+    k = kv_dtype.lower()
+    if k == "auto":
+        d = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+        return d if d in ("bf16", "fp16", "fp32") else "bf16"
+    k = DTYPE_ALIASES.get(k, k)
+    dtype_bytes(k)  # an unknown name: PlanError
+    return k
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,9 @@ def kv_bytes_per_token(model_cfg: ModelConfig, model: torch.nn.Module, dtype: to
 
 
 def plan_memory(args: EngineArgs, model_cfg: ModelConfig, device: str, dtype: torch.dtype,
-                model: torch.nn.Module) -> MemoryPlan:
-    per_tok = kv_bytes_per_token(model_cfg, model, dtype)
+                model: torch.nn.Module, kv_dtype: torch.dtype | None = None) -> MemoryPlan:
+    """kv_dtype: the KV cache's element type (default `dtype`; fp8: 1 byte, so twice the blocks of bf16)."""
+    per_tok = kv_bytes_per_token(model_cfg, model, kv_dtype or dtype)
     per_block = per_tok * args.block_size
     mnbt = args.max_num_batched_tokens or (2048 if device == "cpu" else 8192)
     if args.num_gpu_blocks_override:

@@ -40,6 +40,7 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(config.device)
         self.dtype = config.dtype
+        self.kv_cache_dtype = config.kv_cache_dtype or config.dtype  # float8_e4m3fn with --kv-cache-dtype fp8
         self.block_size = config.block_size
         self.max_num_seqs = config.max_num_seqs
         self.max_model_len = config.max_model_len
@@ -69,8 +70,8 @@ class ModelRunner:
         self.kv_caches = []
         for attn in self.model.attention_layers:
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            k = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             attn.k_cache, attn.v_cache = k, v
             self.kv_caches.append((k, v))
         if self.device.type == "cuda":

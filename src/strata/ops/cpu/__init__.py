@@ -93,7 +93,8 @@ def library() -> ctypes.CDLL | None:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None) -> torch.Tensor | None:
-    """The kernel's answer, or None when it does not apply (not float32 on the CPU, or no kernel library)."""
+    """The kernel's answer, or None when it does not apply (not float32 on the CPU, e.g. an fp8 KV cache, which
+    the torch twin reads; or no kernel library)."""
     if not (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.device.type == "cpu"
             and k_cache.is_contiguous() and v_cache.is_contiguous()):
         return None

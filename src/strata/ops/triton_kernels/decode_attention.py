@@ -17,6 +17,10 @@ size does the same work as eager at every context length, and no programs are la
 Sliding window (a runtime int, so one compiled kernel serves every layer and step): only the last `window`
 keys of a sequence are visible, so the walk starts at seq_len - window and the split cuts that range, not
 the whole context; blocks older than the window are never read. NO_WINDOW stands for "no window".
+
+FP8 cache (float8_e4m3fn, KV_FP8): K/V tiles are loaded as e4m3 (half the bytes of bf16) and widened to q's dtype
+for the dots; the layer's k_scale is folded into the softmax scale and v_scale into the output (both per tensor,
+so this is exact), read from one-element tensors on the device.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import triton
 import triton.language as tl
 
 from strata.ops.triton_kernels._utils import dot_precision, interpreting, mm, next_pow2, num_sms
+from strata.ops.triton_kernels.cache import kv_scales
 
 _LOG2E = 1.4426950408889634
 # Never split a context into pieces shorter than this (tokens). One tile: at batch 1 (8 kv heads) a 1k context
@@ -57,6 +62,7 @@ def _window_start(seq_len, window):
 @triton.jit(do_not_specialize=["num_splits", "min_part", "window", "s_btb", "s_lb", "s_lh"])
 def _decode_stage1_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    k_scale_ptr, v_scale_ptr,                   # fp8 cache: one float32 each (read value = stored * scale)
     qk_scale,                                   # softmax scale * log2(e)
     num_splits, min_part,                       # S (grid axis 2) and the shortest partition, see above
     window,                                     # sliding window in tokens (NO_WINDOW = none)
@@ -67,11 +73,13 @@ def _decode_stage1_kernel(
     s_lb, s_lh,                                 # part_lse: [B, H, S]
     G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1)
     sp = tl.program_id(2)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     lo = _window_start(seq_len, window)
     if SPLIT:
@@ -123,6 +131,8 @@ def _decode_stage1_kernel(
     # l_i == 0 only for an empty sequence (non-split path): write zeros, never NaN.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
+    if KV_FP8:
+        o = o * tl.load(v_scale_ptr)
     if SPLIT:
         tl.store(part_o_ptr + b * s_pb + h[:, None] * s_ph + sp * s_ps + d[None, :], o, mask=qmask)
         tl.store(part_lse_ptr + b * s_lb + h * s_lh + sp, m_i + tl.log2(l_safe), mask=gmask)
@@ -187,6 +197,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, device: torch.device,
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            max_seq_len: int | None = None, *, sliding_window: int | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                            num_splits: int | None = None,
                            min_partition: int | None = None, partition_size: int | None = None,
                            tile: int | None = None, num_warps: int | None = None,
@@ -196,6 +207,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     No device sync: max_seq_len is optional and, when given, only lets short batches skip the split.
     sliding_window: the query sees only the last `sliding_window` keys (None or 0 = all).
+    k_scale / v_scale: one-element float32 tensors, used with an fp8 cache (None = 1.0).
 
     The other keyword-only knobs (the dispatcher never passes them): num_splits (None = choose_num_splits, 1 = no split,
     S = each sequence cut into up to S pieces of at least min_partition tokens, default MIN_PARTITION);
@@ -246,14 +258,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         part_o = out  # unused
         part_lse = out
+    fp8, ks, vs = kv_scales(k_cache, k_scale, v_scale)
     _decode_stage1_kernel[(B, kvh, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse, qk_scale, num_splits, min_part, window,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse, ks, vs, qk_scale, num_splits, min_part,
+        window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2) if split else 0,
         part_lse.stride(0), part_lse.stride(1),
         G=G, G_P2=G_P2, D=D, D_P2=D_P2, BLOCK_SIZE=bs, TILE=tile, SPLIT=split,
-        DOT_PREC=dot_precision(q.dtype), INTERP=interpreting(), num_warps=num_warps, num_stages=num_stages,
+        DOT_PREC=dot_precision(q.dtype), INTERP=interpreting(), KV_FP8=fp8, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if split:
         _decode_stage2_kernel[(B, H)](

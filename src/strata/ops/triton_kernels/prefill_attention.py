@@ -13,6 +13,9 @@ without a mask, the diagonal tiles with the causal mask, nothing beyond its last
 
 Sliding window W (a runtime int; NO_WINDOW = none): query p sees keys p - W + 1 .. p. Key tiles wholly older
 than the first query's window are skipped; those older than the last query's window edge run with the mask.
+
+FP8 cache (float8_e4m3fn, KV_FP8): K/V tiles are loaded as e4m3 and widened to q's dtype; k_scale is folded into
+the softmax scale and v_scale into the output (per tensor: exact), read from one-element tensors on the device.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import triton
 import triton.language as tl
 
 from strata.ops.triton_kernels._utils import dot_precision, interpreting, mm, next_pow2
+from strata.ops.triton_kernels.cache import kv_scales
 
 _LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # a window longer than any context: every key is visible
@@ -74,13 +78,14 @@ def _prefill_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, head_off, 
 @triton.jit(do_not_specialize=["num_seqs", "window", "s_btb"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
+    k_scale_ptr, v_scale_ptr,                   # fp8 cache: one float32 each (read value = stored * scale)
     qk_scale, num_seqs, window,
     s_qt, s_qh, s_ot, s_oh,                     # q / out: [T, H, d], last dim contiguous
     s_cb, s_cs, s_ch,                           # caches: [num_blocks, block_size, kvh, d]
     s_btb,
     G: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, B_P2: tl.constexpr,
-    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -110,6 +115,8 @@ def _prefill_kernel(
     tok = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * s_qt + h * s_qh + d[None, :], mask=qmask, other=0.0)  # [BLOCK_M, D_P2]
     qpos = ctx + offs_m
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -138,12 +145,15 @@ def _prefill_kernel(
                                       DOT_PREC, INTERP)
     # every query row sees its own key, so l_i > 0; only the padding rows past q_len can have none in the window
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if KV_FP8:
+        o = o * tl.load(v_scale_ptr)
     tl.store(out_ptr + tok[:, None] * s_ot + h * s_oh + d[None, :], o.to(out_ptr.dtype.element_ty), mask=qmask)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             seq_lens: torch.Tensor, scale: float, *, sliding_window: int | None = None,
+                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                             block_m: int | None = None,
                             block_n: int | None = None, num_warps: int | None = None,
                             num_stages: int | None = None) -> torch.Tensor:
@@ -151,6 +161,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     Rows of q outside every [query_start_loc[b], query_start_loc[b+1]) range are left unwritten.
     sliding_window: each query sees only its own key and the sliding_window - 1 before it (None or 0 = all).
+    k_scale / v_scale: one-element float32 tensors, used with an fp8 cache (None = 1.0).
     The other keyword-only knobs are for benchmarks; the dispatcher never passes them.
     """
     T, H, D = q.shape
@@ -172,12 +183,14 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     num_warps = int(num_warps or (4 if wide or block_m < 128 else 8))
     num_stages = int(num_stages or (1 if wide else 2))
     grid = (T // block_m + B, H)
+    fp8, ks, vs = kv_scales(k_cache, k_scale, v_scale)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, float(scale) * _LOG2E, B,
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, ks, vs, float(scale) * _LOG2E, B,
         int(sliding_window) if sliding_window else NO_WINDOW,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         G=H // kvh, D=D, D_P2=D_P2, BLOCK_SIZE=bs, BLOCK_M=block_m, BLOCK_N=block_n, B_P2=next_pow2(B),
-        DOT_PREC=dot_precision(q.dtype), INTERP=interpreting(), num_warps=num_warps, num_stages=num_stages,
+        DOT_PREC=dot_precision(q.dtype), INTERP=interpreting(), KV_FP8=fp8, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
