@@ -152,6 +152,48 @@ def tpot(llm, prompt, so, iters: int, out_len: int) -> dict:
     return {"tpot_ms": statistics.median(vals), "tpot_ms_iterations": vals, "output_tokens": n}
 
 
+def accept_costs(backend, so, rows: int = 256) -> dict:
+    """xgrammar's cost per accepted token on this host, outside the engine: `rows` matchers walk random allowed
+    tokens of the schema (the bitmask each step), accepting one call per row (as the scheduler does) or one
+    `BatchGrammarMatcher.batch_accept_token` call per step (slower on a 2-core CPU: 12 vs 7 us per token)."""
+    import random
+
+    import torch
+    import xgrammar as xgr
+    from strata.structured.backend import RequestGrammar
+    fut = backend.prepare(so)
+    rng = random.Random(0)
+    shifts = torch.arange(32, dtype=torch.int32)
+    out = {}
+    for mode in ("per_row", "batch"):
+        gs = [RequestGrammar(fut) for _ in range(rows)]
+        mask = backend.new_bitmask(rows)
+        spent = n = 0
+        fill = 0.0
+        for _ in range(200):
+            live = [g for g in gs if not g.is_terminated()]
+            if not live:
+                break
+            t = time.perf_counter()
+            backend.fill_bitmask(live, mask[:len(live)])
+            fill += time.perf_counter() - t
+            allowed = ((mask[:len(live)].unsqueeze(-1) >> shifts) & 1).view(len(live), -1)
+            toks = []
+            for i in range(len(live)):
+                ids = allowed[i].nonzero().flatten()
+                toks.append(int(ids[rng.randrange(len(ids))]))
+            t = time.perf_counter()
+            if mode == "batch":
+                xgr.BatchGrammarMatcher.batch_accept_token([g.matcher for g in live], toks)
+            else:
+                for g, tok in zip(live, toks):
+                    g.matcher.accept_token(tok)
+            spent += time.perf_counter() - t
+            n += len(live)
+        out[mode] = {"accept_us_per_token": spent / n * 1e6, "fill_us_per_row": fill / n * 1e6, "tokens": n}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few requests")
@@ -196,6 +238,8 @@ def main() -> int:
     out["first_compile_s"] = time.perf_counter() - t
     print(f"backend set-up {out['backend_setup_s']:.3f} s, first compile (6 fields) {out['first_compile_s']:.3f} s",
           file=sys.stderr, flush=True)
+    out["accept_costs"] = accept_costs(backend, so6)
+    print(f"xgrammar on this host: {out['accept_costs']}", file=sys.stderr, flush=True)
     out["warmup_s"] = warmup(llm, records, n=8)
     out["rounds"] = []
     for r in range(args.rounds):
