@@ -113,6 +113,14 @@ SUITES: dict[str, Suite] = {
         Step("profile", "{py} benchmarks/profile_gpu.py --tokenizer {tok} --workloads {wl} --out {out}/prof "
              "--skip sharegpt,seed64", 150, needs=(TOK, *WL)),
     ]),
+    "fp8-gemm": Suite("nvidia-h200", "FP8 dense GEMMs (issue 21) at Qwen3-4B / Llama-3-8B linear shapes, M 1..4096: "
+                      "cuBLAS bf16, the W8A16 kernel's tile sweep (prints W8A16_CONFIGS), W8A8 via _scaled_mm and "
+                      "Triton, block scales, the small-M kernel on bf16 weights; GB/s vs copy, error vs the twin "
+                      "(fp8_gemm.py, under 4 min)", [
+        Step("fp8_gemm", "{py} benchmarks/fp8_gemm.py --out {out}/fp8_gemm.json", 280, tail=110),
+    ], smoke=[
+        Step("fp8_gemm", "{py} benchmarks/fp8_gemm.py --smoke --out {out}/fp8_gemm-smoke.json", 300, tail=20),
+    ]),
     "async": Suite("nvidia-h200", "overlapped against synchronous steps in one engine: greedy parity, latency, "
                    "seed64, sharegpt1000 (async_gpu.py)", [
         Step("async_gpu", "{py} benchmarks/async_gpu.py --tokenizer {tok} --workloads {wl} --out-json "

@@ -12,8 +12,9 @@ layer's parameters and loads checkpoint tensors into this rank's shard; the forw
 Block scales are sharded with their weights. Where a part or a TP shard does not start on a block boundary
 (a packed part or a shard of rows that is not a multiple of bn, or a K shard not a multiple of bk), the scales
 are expanded along that dimension to one per row (bn -> 1) or per column (bk -> 1): exact, a little more memory,
-and the layer's `block_size` says so. Activations of block-wise layers are quantised per token and
-checkpoint-bk columns, else per token (dynamic) or with the static scale.
+and the layer's `block_size` says so. In steps of more than `ops.ref.FP8_W8A16_MAX_M` tokens the activations are
+quantised too (W8A8): for block-wise layers per token and checkpoint-bk columns, else per token (dynamic) or with
+the static scale; smaller steps (decode) are weight-only, activations as they are (`ops.fp8_linear`).
 
 Online quantisation (`--quantization fp8`): each 16/32-bit checkpoint part is quantised per row as it is
 loaded (scale = amax / 448), so no full-precision copy of the layer is ever held.

@@ -5,8 +5,8 @@
 Two regimes, chosen by `strata.ops.fp8_linear` on the number of rows M (`ref.FP8_W8A16_MAX_M`):
 
 * **W8A16, small M (decode)**: `fp8_w8a16_linear`. x is not quantised: each weight tile is converted to x's
-  dtype in registers and multiplied in fp32 (tensor cores for BLOCK_M >= 16, else CUDA-core products summed
-  along K). Batch-1 decode is bandwidth-bound, so the grid must cover the GPU while reading every weight byte
+  dtype in registers and multiplied in fp32 (tensor cores for BLOCK_M >= 16; BLOCK_M = 1: one row per program,
+  CUDA-core products summed along K). Batch-1 decode is bandwidth-bound, so the grid must cover the GPU while reading every weight byte
   once: few column blocks are split along K (SPLIT_K programs per tile write fp32 partial sums, and a second
   small kernel adds them, applies the per-row scale and the bias, and rounds once). Weight scales: per row in the
   epilogue; per block per K tile inside the loop (BLOCK_K divides bk); where bk is too small for a tile (scales
@@ -38,8 +38,8 @@ from strata.ops.triton_kernels._utils import dot_precision, interpreting, mm, nu
 FP8_MAX = tl.constexpr(448.0)
 
 # (N, K) -> {M bucket: (block_m, block_n, block_k, split_k, num_warps, num_stages)}. An entry serves every M up to
-# its bucket (the smallest bucket >= M is used); shapes or M not in the table get `w8a16_default_config`. Filled
-# from `benchmarks/fp8_gemm.py` on one H200 (it prints this table); empty until then.
+# its bucket (the smallest bucket >= M is used; M above every bucket: the largest); shapes not in the table get
+# `w8a16_default_config`. Filled from `benchmarks/fp8_gemm.py` on one H200 (it prints this table); empty until then.
 W8A16_CONFIGS: dict[tuple[int, int], dict[int, tuple[int, int, int, int, int, int]]] = {}
 # (N, K) -> {M bucket: (block_m, block_n, block_k, group_m, num_warps, num_stages)} for `_w8a8_kernel`, same rules.
 W8A8_CONFIGS: dict[tuple[int, int], dict[int, tuple[int, int, int, int, int, int]]] = {}
@@ -68,9 +68,12 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, k_split, s_bn, s_b
     """x [M, K], w [N, K], y [M, N], all contiguous along their last dimension. SCALE_MODE 0: no scale; 1: one
     scale per (row block of s_bn rows), in the epilogue; 2: per (row block, K tile), K tiles inside one scale
     column (s_bk % BLOCK_K == 0); 3: element-wise, in fp32. SPLIT: write fp32 partial sums of this program's K range
-    to y[pid_k] (stride s_yp) for `_splitk_reduce_kernel`."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    to y[pid_k] (stride s_yp) for `_splitk_reduce_kernel`. BLOCK_M 1: one row per program, products on CUDA
+    cores kept per (row, column) of the tile and summed once after the loop (a [BLOCK_M, BLOCK_N, BLOCK_K] product
+    would move every weight tile through shared memory); BLOCK_M >= 16: tensor cores. Row blocks of one weight
+    tile are neighbours in the grid (axis 0), so a tile read for one is in L2 for the next."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,37 +84,39 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, k_split, s_bn, s_b
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * s_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * s_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if BLOCK_M < 16:  # CUDA-core products, summed along K once after the loop
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if BLOCK_M == 1:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
         if EVEN_K:
-            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None], other=0.0)
             w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None], other=0.0)
         else:
-            k_ok = offs_k < K
-            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if BLOCK_M == 1:
+            x = tl.load(x_ptr + pid_m.to(tl.int64) * s_xm + offs_k, mask=k_ok, other=0.0)
+        else:
+            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if SCALE_MODE == 2:
             s = tl.load(s_ptr + (offs_n // s_bn) * s_sn + (k0 // s_bk) * s_sk, mask=n_ok, other=0.0)
         if SCALE_MODE == 3:  # element-wise scales (expanded columns): the dequantised tile in fp32
             s = tl.load(s_ptr + (offs_n // s_bn)[:, None] * s_sn + (offs_k // s_bk)[None, :] * s_sk,
-                        mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             w = w.to(tl.float32) * s
             x = x.to(tl.float32)
-        if BLOCK_M >= 16:  # tensor cores; e4m3 is exact in bf16 / fp16 / fp32
+        if BLOCK_M == 1:
+            wf = w.to(tl.float32)
+            if SCALE_MODE == 2:
+                wf = wf * s[:, None]
+            acc2 += wf * x.to(tl.float32)[None, :]
+        else:  # tensor cores; e4m3 is exact in bf16 / fp16 / fp32
             part = mm(x, tl.trans(w.to(x.dtype)), DOT_PREC, INTERP)
             if SCALE_MODE == 2:
                 acc += part * s[None, :]
             else:
                 acc += part
-        else:
-            wf = w.to(tl.float32)
-            if SCALE_MODE == 2:
-                wf = wf * s[:, None]
-            acc3 += x.to(tl.float32)[:, None, :] * wf[None, :, :]
-    if BLOCK_M < 16:
-        acc = tl.sum(acc3, axis=2)
+    if BLOCK_M == 1:
+        acc = tl.sum(acc2, axis=1)[None, :]
     if SPLIT:
         out = y_ptr + pid_k.to(tl.int64) * s_yp + offs_m.to(tl.int64)[:, None] * s_ym + offs_n[None, :]
         tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
@@ -125,16 +130,17 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, k_split, s_bn, s_b
 
 
 @triton.jit(do_not_specialize=["M", "s_pp"])
-def _splitk_reduce_kernel(p_ptr, s_ptr, b_ptr, y_ptr, M, N, s_bn, s_sn, s_pp, s_pm, s_ym,
-                          SPLIT_K: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def _splitk_reduce_kernel(p_ptr, s_ptr, b_ptr, y_ptr, M, N, split_k, s_bn, s_sn, s_pp, s_pm, s_ym,
+                          ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """y[m, n] = round(sum over splits of p[:, m, n] (* row scale) (+ bias)): one program per (row, BLOCK cols)."""
     m = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for p in tl.static_range(SPLIT_K):
-        acc += tl.load(p_ptr + p * s_pp + m * s_pm + offs, mask=ok, other=0.0)
+    ptrs = p_ptr + m * s_pm + offs
+    for _ in range(0, split_k):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += s_pp
     if ROW_SCALE:
         acc = acc * tl.load(s_ptr + (offs // s_bn) * s_sn, mask=ok, other=0.0)
     if HAS_BIAS:
@@ -143,18 +149,18 @@ def _splitk_reduce_kernel(p_ptr, s_ptr, b_ptr, y_ptr, M, N, s_bn, s_sn, s_pp, s_
 
 
 def _bucket(M: int, table: dict[int, tuple] | None) -> tuple | None:
+    """The entry of the smallest bucket >= M, else of the largest bucket; None without a table."""
     if not table:
         return None
     fits = [b for b in table if b >= M]
-    return table[min(fits)] if fits else None
+    return table[min(fits) if fits else max(table)]
 
 
 def w8a16_default_config(M: int, N: int, K: int, sms: int = 132) -> tuple[int, int, int, int, int, int]:
-    """Tiles where `W8A16_CONFIGS` has none: CUDA-core products for M <= 4 (block_m = M rounded up to a power
-    of two), tensor-core tiles of 16 / 32 / 64 rows above; split-K until about 4 programs per SM."""
-    if M <= 4:
-        bm = triton.next_power_of_2(max(M, 1))
-        bn, bk, warps = 32, 256 // bm, 4
+    """Tiles where `W8A16_CONFIGS` has none (a guess until measured): CUDA-core products for M = 1, tensor-core
+    tiles of 16 / 32 / 64 rows above; split-K until about 4 programs per SM."""
+    if M <= 1:
+        bm, bn, bk, warps = 1, 32, 256, 4
     else:
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
         bn, bk, warps = 64, 128, 4
@@ -204,6 +210,8 @@ def fp8_w8a16_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     if K == 0:
         return y.zero_() if bias is None else y.copy_(bias.expand(M, N))
     bm, bn, bk, split, warps, stages = config or w8a16_config(M, N, K, x.device)
+    if bm != 1 and bm < 16:
+        raise ValueError(f"block_m {bm}: 1 (CUDA cores) or >= 16 (tensor cores)")
     s2, s_bn, s_bk = _scale_layout(weight, weight_scale, block_size)
     mode = 0 if s2 is None else 1 if s_bk >= K else 2
     if mode == 2:
@@ -211,7 +219,7 @@ def fp8_w8a16_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         mode, bk = (2, tk) if tk >= 16 else (3, bk)
     k_split = triton.cdiv(triton.cdiv(K, bk), split) * bk
     split = triton.cdiv(K, k_split)  # no empty splits
-    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
     scale_arg = s2 if s2 is not None else weight  # never read with SCALE_MODE 0
     s_sn, s_sk = (s2.stride(0), s2.stride(1)) if s2 is not None else (0, 0)
     common = dict(SCALE_MODE=mode, HAS_BIAS=bias is not None, EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn,
@@ -228,8 +236,8 @@ def fp8_w8a16_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
                         **common)
     block = min(1024, triton.next_power_of_2(N))
     _splitk_reduce_kernel[(M, triton.cdiv(N, block))](
-        part, scale_arg, b, y, M, N, s_bn, s_sn, part.stride(0), part.stride(1), y.stride(0),
-        SPLIT_K=split, ROW_SCALE=mode == 1, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+        part, scale_arg, b, y, M, N, split, s_bn, s_sn, part.stride(0), part.stride(1), y.stride(0),
+        ROW_SCALE=mode == 1, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
     return y
 
 
