@@ -123,31 +123,10 @@ def test_tool_choice_named_through_parse(client):
                                       tools=[WEATHER_TOOL, TIME_TOOL],
                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
     c = r.choices[0]
-    assert c.finish_reason == "tool_calls"
+    assert c.finish_reason == "stop"  # OpenAI's (and vLLM's) reason for a forced function; auto/required: tool_calls
     (call,) = c.message.tool_calls
     assert call.function.name == "get_weather"
     assert isinstance(call.function.parsed_arguments, GetWeather)
-
-
-def test_tool_calls_streamed(client):
-    kw = dict(model=MODEL_NAME, messages=ASK_WEATHER, temperature=0, max_tokens=150, tools=[WEATHER_TOOL, TIME_TOOL],
-              tool_choice="required")
-    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls
-    chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
-    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
-    assert not any(c.choices[0].delta.content for c in chunks)
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    calls: dict[int, dict] = {}
-    for d in deltas:
-        if d.index not in calls:  # the first delta of a call: id, type and name
-            assert d.id and d.id.startswith("call_") and d.function.name
-            calls[d.index] = {"name": d.function.name, "arguments": d.function.arguments or ""}
-        else:
-            assert d.id is None and d.function.name is None
-            calls[d.index]["arguments"] += d.function.arguments
-    assert len(deltas) > len(calls)  # the arguments came in pieces
-    assert [(c["name"], c["arguments"]) for c in calls.values()] == \
-        [(c.function.name, c.function.arguments) for c in whole]
 
 
 def test_tool_choice_none_and_auto_answer_in_shape(client):
@@ -169,19 +148,114 @@ HERMES_OUTPUT = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {
 
 def test_auto_reads_the_models_hermes_calls(client):
     """The tiny model never writes a call by itself: a one-choice grammar makes it write one in the Hermes format,
-    and tool_choice auto (--tool-call-parser hermes) must read it, whole and streamed."""
+    and tool_choice auto (--tool-call-parser hermes) must read it."""
     kw = dict(model=MODEL_NAME, messages=ASK_WEATHER, temperature=0, max_tokens=80, tools=[WEATHER_TOOL],
               tool_choice="auto", extra_body={"guided_choice": [HERMES_OUTPUT]})
     c = client.chat.completions.create(**kw).choices[0]
     assert c.finish_reason == "tool_calls" and c.message.content == "Checking.\n"
     (call,) = c.message.tool_calls
     assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Rome", "unit": "celsius"}')
-    chunks = [ch for ch in client.chat.completions.create(**kw, stream=True) if ch.choices]
-    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Checking.\n"
-    deltas = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
-    assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_")
-    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # streamed: test_streamed_tool_calls_equal_the_whole_answer_without_empty_chunks[auto]
+
+
+WEATHER_FN = WEATHER_TOOL["function"]
+STREAM_CASES = {  # the request's tool fields, and the finish_reason it must end with
+    "required": (dict(tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required"), "tool_calls"),
+    "named": (dict(tools=[WEATHER_TOOL, TIME_TOOL], tool_choice={"type": "function", "function": {"name": "get_time"}}),
+              "stop"),
+    "auto": (dict(tools=[WEATHER_TOOL], tool_choice="auto", extra_body={"guided_choice": [HERMES_OUTPUT]}),
+             "tool_calls"),
+    "legacy_named": (dict(functions=[WEATHER_FN], function_call={"name": "get_weather"}), "stop"),
+    "legacy_auto": (dict(functions=[WEATHER_FN], extra_body={"guided_choice": [HERMES_OUTPUT]}), "function_call"),
+}
+
+
+def reassemble(chunks) -> dict:
+    """The answer a stream spells, checking OpenAI's chunk shapes on the way: the first chunk has the role; none
+    carries nothing; a tool call's first delta has index, id, type and name, later ones only index and argument
+    pieces; only the last chunk (before usage) has a finish_reason."""
+    choices = [c for c in chunks if c.choices]
+    assert choices[0].choices[0].delta.role == "assistant"
+    out = {"content": "", "tool_calls": {}, "function_call": None, "finish_reason": None, "logprobs": []}
+    for i, ch in enumerate(choices):
+        (c,) = ch.choices
+        d = c.delta
+        assert c.finish_reason or d.role or d.content or d.tool_calls or d.function_call, f"empty chunk {i}: {ch}"
+        assert (c.finish_reason is not None) == (i == len(choices) - 1)
+        out["finish_reason"] = c.finish_reason or out["finish_reason"]
+        out["content"] += d.content or ""
+        out["logprobs"] += [t.token for t in (c.logprobs.content if c.logprobs else None) or []]
+        for tc in d.tool_calls or []:
+            if tc.index not in out["tool_calls"]:
+                assert tc.id.startswith("call_") and tc.type == "function" and tc.function.name
+                out["tool_calls"][tc.index] = [tc.function.name, tc.function.arguments or ""]
+            else:
+                assert tc.id is None and tc.type is None and tc.function.name is None and tc.function.arguments
+                out["tool_calls"][tc.index][1] += tc.function.arguments
+        if d.function_call is not None:
+            if out["function_call"] is None:
+                assert d.function_call.name
+                out["function_call"] = [d.function_call.name, d.function_call.arguments or ""]
+            else:
+                assert d.function_call.name is None and d.function_call.arguments
+                out["function_call"][1] += d.function_call.arguments
+    assert sorted(out["tool_calls"]) == list(range(len(out["tool_calls"])))
+    out["tool_calls"] = [tuple(v) for _, v in sorted(out["tool_calls"].items())]
+    out["function_call"] = out["function_call"] and tuple(out["function_call"])
+    return out
+
+
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+def test_streamed_tool_calls_equal_the_whole_answer_without_empty_chunks(client, case):
+    """Streamed, a call's pieces concatenate to the non-streamed call, no chunk is empty (text the parser holds
+    back sends nothing; its tokens' logprobs go with the next chunk), and finish_reason follows OpenAI's rule."""
+    fields, finish = STREAM_CASES[case]
+    kw = dict(model=MODEL_NAME, messages=ASK_WEATHER, temperature=0, max_tokens=100, logprobs=True, **fields)
+    whole = client.chat.completions.create(**kw)
+    c = whole.choices[0]
+    got = reassemble(list(client.chat.completions.create(**kw, stream=True)))
+    assert c.finish_reason == got["finish_reason"] == finish
+    assert got["content"] == (c.message.content or "")
+    assert got["tool_calls"] == [(t.function.name, t.function.arguments) for t in c.message.tool_calls or []]
+    fc = c.message.function_call
+    assert got["function_call"] == (fc and (fc.name, fc.arguments))
+    assert bool(got["tool_calls"]) != bool(fc) and bool(fc) == case.startswith("legacy")
+    assert got["logprobs"] == [t.token for t in c.logprobs.content] and len(got["logprobs"]) == \
+        whole.usage.completion_tokens
+    if fc:
+        json.loads(fc.arguments)
+        assert not c.message.tool_calls
+
+
+def test_legacy_functions(server, client):
+    """The deprecated `functions` / `function_call` (older clients): a forced function through the client, its
+    result round-tripping as a `function` message; `tools` with `functions` (or function_call "required") is a 400."""
+    r = client.chat.completions.create(model=MODEL_NAME, messages=ASK_WEATHER, temperature=0, max_tokens=60,
+                                       functions=[WEATHER_FN], function_call={"name": "get_weather"})
+    msg = r.choices[0].message
+    assert msg.function_call.name == "get_weather" and msg.content is None
+    GetWeather.model_validate_json(msg.function_call.arguments)
+    history = ASK_WEATHER + [{"role": "assistant", "content": None, "function_call": msg.function_call.model_dump()},
+                             {"role": "function", "name": "get_weather", "content": "21 degrees"}]
+    r = client.chat.completions.create(model=MODEL_NAME, messages=history, functions=[WEATHER_FN],
+                                       function_call="none", temperature=0, max_tokens=4)
+    assert isinstance(r.choices[0].message.content, str) and r.choices[0].message.function_call is None
+    r = post(server, "/tokenize", {"messages": history, "tools": [WEATHER_TOOL], "chat_template": TEMPLATE,
+                                   "add_generation_prompt": False})
+    text = post(server, "/detokenize", {"tokens": r.json()["tokens"]}).json()["prompt"]
+    assert text.endswith(f"<assistant>CALL get_weather {json.loads(msg.function_call.arguments)['city']}"
+                         "<tool>21 degrees"), text
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL_NAME, messages=ASK_WEATHER, max_tokens=4, tools=[WEATHER_TOOL],
+                                       functions=[WEATHER_FN])
+    assert e.value.body["param"] == "functions"
+    assert "'tools'" in e.value.body["message"] and "'functions'" in e.value.body["message"]
+    for extra, param in [({"function_call": "required"}, "function_call"),
+                         ({"function_call": {"name": "nope"}}, "function_call"),
+                         ({"tool_choice": "none"}, "function_call"),
+                         ({"functions": [{"name": "f", "parameters": BAD_SCHEMA}]}, "functions.0.parameters")]:
+        r = post(server, "/v1/chat/completions", {**CHAT, "functions": [WEATHER_FN], **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
 
 
 HISTORY = [

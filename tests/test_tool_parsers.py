@@ -167,12 +167,42 @@ def test_plan_tools_choices():
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}],
           tool_choice="required"), "tools.0.function.parameters"),
     (dict(tools=[TOOLS[1], TOOLS[1]], tool_choice="none"), "tools.1.function.name"),
-    (dict(functions=[{"name": "f"}]), "functions"),
+    # the deprecated spellings: functions / function_call
+    (dict(functions=[{"name": "f"}]), "functions"),           # auto (the default) without --enable-auto-tool-choice
+    (dict(functions=[{"name": "f"}], function_call="auto"), "function_call"),
+    (dict(functions=[{"name": "f"}], tools=TOOLS), "functions"),
+    (dict(functions=[{"name": "f"}], tool_choice="none"), "function_call"),
+    (dict(tools=TOOLS, function_call="none"), "function_call"),
+    (dict(functions=[{"name": "f"}], function_call="required"), "function_call"),
+    (dict(functions=[{"name": "f"}], function_call={"name": "g"}), "function_call"),
+    (dict(functions=[{"name": "f"}], function_call={"type": "function", "function": {"name": "f"}}), "function_call"),
+    (dict(functions=[{"name": "f"}, {"name": "f"}], function_call="none"), "functions.1.name"),
+    (dict(functions=[{"name": "f", "parameters": {"type": "strin"}}], function_call="none"), "functions.0.parameters"),
+    (dict(functions=[{"name": "f"}], function_call="none", parallel_tool_calls=True), "parallel_tool_calls"),
 ])
 def test_plan_tools_errors_name_the_param(kw, param):
     with pytest.raises(ParameterError) as e:
         plan_tools(req(**kw), enable_auto=False, parser_name=None)
     assert e.value.param == param
+
+
+def test_plan_tools_legacy_functions_and_finish_reasons():
+    """functions / function_call are tools / tool_choice in the older shape (one call at most); finish_reason:
+    tool_calls (auto, required), stop (a named function, as OpenAI answers), function_call (legacy auto)."""
+    fns = [t["function"] for t in TOOLS]
+    plan = plan_tools(req(functions=fns, function_call={"name": "get_weather"}), enable_auto=False, parser_name=None)
+    assert (plan.choice, plan.legacy, plan.parallel, plan.field) == ("named", True, False, "functions")
+    assert plan.constraint["json"]["required"] == ["city"] and plan.tools == TOOLS
+    plan = plan_tools(req(functions=fns), enable_auto=True, parser_name="hermes")
+    assert plan.choice == "auto" and plan.legacy and not plan.parallel
+    assert plan.finish_reason("stop", True) == "function_call"
+    assert plan_tools(req(functions=fns, function_call="none"), enable_auto=False, parser_name=None).choice == "none"
+    for kw, rule in [(dict(tool_choice="required"), "tool_calls"), (dict(), "tool_calls"),
+                     (dict(tool_choice={"type": "function", "function": {"name": "noop"}}), "stop")]:
+        plan = plan_tools(req(tools=TOOLS, **kw), enable_auto=True, parser_name="hermes")
+        assert not plan.legacy and plan.field == "tools"
+        assert plan.finish_reason("stop", True) == rule
+        assert plan.finish_reason("stop", False) == "stop" and plan.finish_reason("length", True) == "length"
 
 
 def test_required_schema_conflicting_defs():
@@ -194,6 +224,14 @@ def test_template_messages_arguments_become_objects():
         template_messages([{"role": "assistant", "content": "", "tool_calls": [
             {"id": "x", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}])
     assert e.value.param == "messages.0.tool_calls.0.function.arguments"
+    legacy = [{"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": '{"a": 1}'}},
+              {"role": "function", "name": "f", "content": "42"}]
+    out = template_messages(legacy)
+    assert out[0]["tool_calls"] == [{"type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]
+    assert "function_call" not in out[0] and out[1] == {"role": "tool", "name": "f", "content": "42"}
+    with pytest.raises(ParameterError) as e:
+        template_messages([{"role": "assistant", "content": "", "function_call": {"name": "f", "arguments": "{"}}])
+    assert e.value.param == "messages.0.function_call.arguments"
 
 
 # ---------------------------------------------------------------------------------------------- constraints
@@ -229,3 +267,23 @@ def test_request_constraint_errors_name_the_field(kw, param):
     with pytest.raises(ParameterError) as e:
         request_constraint(constraint_req(**kw))
     assert e.value.param == param
+    assert param in str(e.value)  # the message names the field too
+
+
+def test_the_core_owns_the_schema_checks():
+    """One check of a JSON schema (core/sampling_params.py): StructuredOutputsParams and the server's fields give
+    the same message, each naming its own field."""
+    from strata.core.sampling_params import StructuredOutputError, StructuredOutputsParams, check_json_schema
+    from strata.serve.structured import request_constraint
+    for bad, why in [("{not json", "is not valid JSON"), ("[1]", "must be a JSON schema object, got list")]:
+        with pytest.raises(StructuredOutputError) as core:
+            StructuredOutputsParams(json=bad)
+        with pytest.raises(ParameterError) as served:
+            request_constraint(constraint_req(guided_json=bad))
+        assert (core.value.param, served.value.param) == ("structured_outputs.json", "guided_json")
+        assert why in str(core.value) and str(served.value) == str(core.value).replace("structured_outputs.json",
+                                                                                        "guided_json")
+    with pytest.raises(StructuredOutputError) as e:
+        check_json_schema({"type": "object", "properties": {"a": {"type": "strin"}}}, "tools.0.function.parameters")
+    assert e.value.param == "tools.0.function.parameters" and "at properties/a/type" in str(e.value)
+    assert StructuredOutputsParams(json={"type": "strin"}).json == {"type": "strin"}  # the engine refuses it later

@@ -44,37 +44,7 @@ class StructuredOutputsParams:
             raise StructuredOutputError("structured_outputs", f"structured_outputs needs exactly one of {names}; "
                                         f"got {', '.join(set_) or 'none'}")
         kind = set_[0]
-        param = f"structured_outputs.{kind}"
-        v = getattr(self, kind)
-        if kind == "json":
-            if isinstance(v, type) and hasattr(v, "model_json_schema"):  # a pydantic model class
-                v = v.model_json_schema()
-            elif isinstance(v, (str, bytes)):
-                try:
-                    v = json.loads(v)
-                except ValueError as e:
-                    raise StructuredOutputError(param, f"{param} is not valid JSON: {e}") from None
-            if not isinstance(v, (dict, bool)):
-                raise StructuredOutputError(param, f"{param} must be a JSON schema object, got {type(v).__name__}")
-            self.json = v
-        elif kind == "json_object":
-            if v is not True:
-                raise StructuredOutputError(param, f"{param} must be true, got {v!r}")
-        elif kind == "choice":
-            if (not isinstance(v, (list, tuple)) or not v
-                    or not all(isinstance(c, str) and c for c in v)):
-                raise StructuredOutputError(param, f"{param} must be a non-empty list of non-empty strings")
-            self.choice = list(v)
-        elif kind == "structural_tag":
-            if isinstance(v, str):
-                try:
-                    json.loads(v)
-                except ValueError as e:
-                    raise StructuredOutputError(param, f"{param} is not valid JSON: {e}") from None
-            elif not isinstance(v, dict):
-                raise StructuredOutputError(param, f"{param} must be a JSON string or object")
-        elif not isinstance(v, str) or not v:
-            raise StructuredOutputError(param, f"{param} must be a non-empty string")
+        setattr(self, kind, check_spec(kind, getattr(self, kind), f"structured_outputs.{kind}"))
 
     @property
     def kind(self) -> str:
@@ -87,6 +57,57 @@ class StructuredOutputsParams:
         v = getattr(self, kind)
         spec = v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
         return kind, spec, self.disable_any_whitespace
+
+
+def check_spec(kind: str, v: Any, param: str) -> Any:
+    """One constraint's value checked for shape and normalised (a JSON schema given as JSON text or as a pydantic
+    model class becomes a dict, choices a list). Errors are `StructuredOutputError`s naming `param`: the
+    server passes the request's field (e.g. "guided_json"), `StructuredOutputsParams` "structured_outputs.<kind>"."""
+    if kind == "json":
+        if isinstance(v, type) and hasattr(v, "model_json_schema"):  # a pydantic model class
+            v = v.model_json_schema()
+        elif isinstance(v, (str, bytes)):
+            try:
+                v = json.loads(v)
+            except ValueError as e:
+                raise StructuredOutputError(param, f"{param} is not valid JSON: {e}") from None
+        if not isinstance(v, (dict, bool)):
+            raise StructuredOutputError(param, f"{param} must be a JSON schema object, got {type(v).__name__}")
+    elif kind == "json_object":
+        if v is not True:
+            raise StructuredOutputError(param, f"{param} must be true, got {v!r}")
+    elif kind == "choice":
+        if not isinstance(v, (list, tuple)) or not v or not all(isinstance(c, str) and c for c in v):
+            raise StructuredOutputError(param, f"{param} must be a non-empty list of non-empty strings")
+        v = list(v)
+    elif kind == "structural_tag":
+        if isinstance(v, str):
+            try:
+                json.loads(v)
+            except ValueError as e:
+                raise StructuredOutputError(param, f"{param} is not valid JSON: {e}") from None
+        elif not isinstance(v, dict):
+            raise StructuredOutputError(param, f"{param} must be a JSON string or object")
+    elif not isinstance(v, str) or not v:  # regex, grammar
+        raise StructuredOutputError(param, f"{param} must be a non-empty string")
+    return v
+
+
+def check_json_schema(schema: Any, param: str) -> dict | bool:
+    """`check_spec("json", ...)`, then the schema checked against its meta-schema (with `jsonschema`, when it is
+    installed; the grammar engine checks what it compiles either way). The server checks every schema a request
+    carries with this, so a bad one is a 400 naming the field, with the place in the schema."""
+    schema = check_spec("json", schema, param)
+    try:
+        from jsonschema import Draft202012Validator, SchemaError, validators
+    except ImportError:
+        return schema
+    try:
+        validators.validator_for(schema, default=Draft202012Validator).check_schema(schema)
+    except SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        raise StructuredOutputError(param, f"{param}: invalid JSON schema at {where}: {e.message}") from None
+    return schema
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """POST /v1/chat/completions (the conversation goes through the model's chat template).
 
 With tools, the output of each choice is read by the plan's parser (serve/tools.py, serve/tool_parsers.py):
-`message.tool_calls` and `finish_reason: "tool_calls"` when it holds calls; streamed, `delta.tool_calls` with
-the id and name first and the arguments in pieces after."""
+`message.tool_calls` and `finish_reason: "tool_calls"` when it holds calls ("stop" for a named function);
+streamed, `delta.tool_calls` with the id and name first and the arguments in pieces after, and no chunk that
+carries nothing. A request with the deprecated `functions` gets `message.function_call` / `delta.function_call`.
+"""
 from __future__ import annotations
 
 from typing import AsyncIterator
@@ -27,7 +29,7 @@ class PreparedChat:
         self.req = req
         self.tools: ToolPlan = plan_tools(req, enable_auto=state.args.enable_auto_tool_choice,
                                           parser_name=state.args.tool_call_parser)
-        self.params = chat_sampling_params(req, self.tools.constraint)
+        self.params = chat_sampling_params(req, self.tools.constraint, self.tools.field)
         check_params_for_model(state, self.params)
         messages = template_messages(normalize_messages(req.messages))
         kwargs = dict(req.chat_template_kwargs or {})
@@ -50,16 +52,18 @@ class PreparedChat:
         self.top_n = req.top_logprobs or 0
 
     def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
-        """The assistant message of a finished choice, and its finish_reason ("tool_calls" when it calls)."""
-        if self.tools.parser is None:
-            return {"role": "assistant", "content": text, "tool_calls": []}, finish_reason
-        content, calls = self.tools.parser.parse(text)
-        if not calls:
-            return {"role": "assistant", "content": text, "tool_calls": []}, finish_reason
-        if not self.tools.parallel:
+        """The assistant message of a finished choice, and its finish_reason (ToolPlan.finish_reason)."""
+        plan = self.tools
+        content, calls = plan.parser.parse(text) if plan.parser is not None else (text, [])  # (text, []): no calls
+        if not plan.parallel:
             calls = calls[:1]
-        return ({"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]},
-                "tool_calls" if finish_reason == "stop" else finish_reason)
+        if plan.legacy:
+            msg = {"role": "assistant", "content": content}
+            if calls:
+                msg["function_call"] = {"name": calls[0].name, "arguments": calls[0].arguments}
+        else:
+            msg = {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]}
+        return msg, plan.finish_reason(finish_reason, bool(calls))
 
 
 async def start_chat(state: ServerState, body: dict, *, admission: bool = True) -> tuple[PreparedChat, Submitted]:
@@ -108,6 +112,7 @@ async def chat_stream(state: ServerState, p: PreparedChat, sub: Submitted) -> As
     done = [False] * p.n
     parser = p.tools.parser
     streamers = [parser.streamer() for _ in range(p.n)] if parser is not None else None
+    held_lp: list[list] = [[] for _ in range(p.n)]  # logprobs of tokens whose chunk was not sent (tool streams)
 
     def chunk(choices: list) -> dict:
         d = {"id": p.id, "object": "chat.completion.chunk", "created": p.created, "model": p.model,
@@ -139,6 +144,13 @@ async def chat_stream(state: ServerState, p: PreparedChat, sub: Submitted) -> As
                 lp = None
                 if p.params.logprobs is not None:
                     lp = chat_logprobs(state.tokenizer, c.token_ids_delta, c.logprobs_delta or [], p.top_n)
+                if streamers is not None:
+                    if not delta and not finished:  # the parser holds the text back: no empty chunk
+                        held_lp[c.index] += lp["content"] if lp else []
+                        continue
+                    if lp is not None and held_lp[c.index]:
+                        lp = {"content": held_lp[c.index] + lp["content"]}
+                        held_lp[c.index] = []
                 choice = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
                 if finished:
                     choice["stop_reason"] = c.stop_reason
@@ -155,7 +167,8 @@ async def chat_stream(state: ServerState, p: PreparedChat, sub: Submitted) -> As
 
 
 def _tool_delta(p: PreparedChat, streamer, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
-    """The delta of one streamed chunk read by a tool parser, and the chunk's finish_reason."""
+    """The delta of one streamed chunk read by a tool parser ({} when it holds everything back), and the
+    chunk's finish_reason."""
     d: Delta = streamer.feed(text)
     if finish_reason is not None:
         d = d + streamer.finish()
@@ -163,8 +176,19 @@ def _tool_delta(p: PreparedChat, streamer, text: str, finish_reason: str | None)
     if d.content:
         delta["content"] = d.content
     calls = d.tool_calls if p.tools.parallel else [c for c in d.tool_calls if c["index"] == 0]
-    if calls:
+    if calls and p.tools.legacy:
+        delta["function_call"] = _function_call_delta(calls)
+    elif calls:
         delta["tool_calls"] = calls
-    if finish_reason == "stop" and streamer.num_calls:
-        finish_reason = "tool_calls"
-    return delta, finish_reason
+    return delta, p.tools.finish_reason(finish_reason, streamer.num_calls > 0)
+
+
+def _function_call_delta(calls: list[dict]) -> dict:
+    """Pieces of the one call (index 0) as the deprecated `delta.function_call`: the name in the first, then
+    argument pieces only."""
+    out: dict = {}
+    for c in calls:
+        if "name" in c["function"]:
+            out["name"] = c["function"]["name"]
+        out["arguments"] = out.get("arguments", "") + c["function"].get("arguments", "")
+    return out

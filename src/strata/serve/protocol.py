@@ -252,8 +252,10 @@ def chat_max_tokens(r: ChatCompletionRequest) -> tuple[int | None, str]:
     return r.max_tokens, "max_tokens"
 
 
-def chat_sampling_params(r: ChatCompletionRequest, tool_constraint: dict | None = None) -> SamplingParams:
-    """`tool_constraint`: the grammar of tool_choice "required" or a named function (serve/tools.py)."""
+def chat_sampling_params(r: ChatCompletionRequest, tool_constraint: dict | None = None,
+                         tools_field: str = "tools") -> SamplingParams:
+    """`tool_constraint`: the grammar of tool_choice "required" or a named function (serve/tools.py), from the
+    request field `tools_field` ("tools", or the deprecated "functions")."""
     _common_checks(r)
     max_tokens, mt_param = chat_max_tokens(r)
     _max_tokens_check(r.max_tokens, "max_tokens")
@@ -277,7 +279,7 @@ def chat_sampling_params(r: ChatCompletionRequest, tool_constraint: dict | None 
         if constraint is not None:
             raise ParameterError(param, f"{param} cannot be combined with tool_choice 'required' or a named "
                                         "function (the tool calls' grammar constrains the output)")
-        constraint = make_constraint(tool_constraint, "tools")
+        constraint = make_constraint(tool_constraint, tools_field)
     return _sampling(r, max_tokens=max_tokens, logprobs=logprobs, constraint=constraint)
 
 
@@ -299,7 +301,7 @@ def normalize_messages(messages: Any, param: str = "messages") -> list[dict]:
             raise ParameterError(f"{p}.role", f"{p}.role must be one of {sorted(_ROLES)}, got {role!r}")
         content = m.get("content")
         if content is None:
-            if role != "assistant":
+            if role not in ("assistant", "function"):  # a deprecated function result may be null (OpenAI's type)
                 raise ParameterError(f"{p}.content", f"{p}.content is required for role {role!r}")
             text = ""
         elif isinstance(content, str):

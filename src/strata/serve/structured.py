@@ -5,19 +5,18 @@ Three spellings, one constraint per request:
   `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`;
 - vLLM's `structured_outputs`: `{"json" | "regex" | "choice" | "grammar" | "json_object": ...}` plus its options;
 - vLLM's older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`.
-Two of them at once, a malformed value or a schema that is not a valid JSON schema is a 400 naming the field.
+Two of them at once, a malformed value or a schema that is not a valid JSON schema is a 400 naming the field
+(the value checks are the core's `check_spec` / `check_json_schema`, which `StructuredOutputsParams` uses too).
 Tool calling adds its own constraint (see serve/tools.py) through `make`. The engine checks the grammar
 itself when it takes the request (`StructuredOutputError`, a 400 renamed to the request's field).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
-from strata.core.sampling_params import ParameterError
+from strata.core.sampling_params import ParameterError, check_json_schema, check_spec
 
-KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
@@ -32,7 +31,7 @@ def request_constraint(r: Any) -> tuple[Any, str | None]:
     for field, kind in GUIDED.items():
         value = getattr(r, field, None)
         if value is not None:
-            found.append((field, make({kind: check_kind(kind, value, field)}, field)))
+            found.append((field, make({kind: check_value(kind, value, field)}, field)))
     if not found:
         return None, None
     if len(found) > 1:
@@ -89,49 +88,15 @@ def _from_response_format(rf: dict):
 
 
 def _from_structured_outputs(so: dict):
-    kinds = [k for k in KINDS if so.get(k) not in (None, False)]
-    if len(kinds) != 1:
-        raise ParameterError("structured_outputs", f"structured_outputs needs exactly one of {', '.join(KINDS)}, "
-                                                   f"got {', '.join(kinds) or 'none'}")
-    kind = kinds[0]
-    kwargs = {k: v for k, v in so.items() if v is not None and (k not in KINDS or k == kind)}
-    if kind != "structural_tag":
-        kwargs[kind] = check_kind(kind, so[kind], f"structured_outputs.{kind}")
-    return make(kwargs, "structured_outputs")
+    """vLLM's object: StructuredOutputsParams checks that exactly one kind is set and each value's shape (its
+    errors name "structured_outputs[.kind]"); a JSON schema is also checked against its meta-schema."""
+    params = make({k: v for k, v in so.items() if v is not None}, "structured_outputs")
+    if params.json is not None:
+        check_json_schema(params.json, "structured_outputs.json")
+    return params
 
 
-def check_kind(kind: str, value: Any, param: str) -> Any:
-    if kind == "json":
-        return check_json_schema(value, param)
-    if kind == "json_object":
-        if value is not True:
-            raise ParameterError(param, f"{param} must be true")
-        return True
-    if kind == "choice":
-        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
-            raise ParameterError(param, f"{param} must be a non-empty list of non-empty strings")
-        return value
-    if not isinstance(value, str) or not value.strip():  # regex, grammar
-        raise ParameterError(param, f"{param} must be a non-empty string")
-    return value
-
-
-def check_json_schema(schema: Any, param: str) -> dict | bool:
-    """A JSON schema given as an object (or as JSON text), checked against its meta-schema."""
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except ValueError as e:
-            raise ParameterError(param, f"{param}: the schema is not valid JSON: {e}") from None
-    if not isinstance(schema, (dict, bool)):
-        raise ParameterError(param, f"{param}: a JSON schema must be an object, got {type(schema).__name__}")
-    try:
-        from jsonschema import Draft202012Validator, SchemaError, validators
-    except ImportError:  # the grammar compiler still checks what it compiles
-        return schema
-    try:
-        validators.validator_for(schema, default=Draft202012Validator).check_schema(schema)
-    except SchemaError as e:
-        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
-        raise ParameterError(param, f"{param}: invalid JSON schema at {where}: {e.message}") from None
-    return schema
+def check_value(kind: str, value: Any, param: str) -> Any:
+    """A constraint's value given in the request field `param`, checked and normalised by the core (whose
+    errors name `param`); JSON schemas also against their meta-schema."""
+    return check_json_schema(value, param) if kind == "json" else check_spec(kind, value, param)
