@@ -130,7 +130,7 @@ def w8a16_candidates(M: int, N: int, K: int, smoke: bool) -> list[tuple]:
     if M <= 8:
         tiles += [(1, bn, bk, w, 1) for bn, bk, w in CORE_TILES]
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-    tiles += [(bm, bn, bk, w, st) for bn, bk, w, st in DOT_TILES if not (bm == 128 and bn == 128 and w == 4)]
+    tiles += [(bm, bn, bk, w, st) for bn, bk, w, st in DOT_TILES if not (bm == 128 and bk == 256)]  # > 227 KB smem
     out = [default]
     for bm, bn, bk, w, st in tiles:
         for sp in SPLITS:
@@ -183,11 +183,12 @@ def bench_shape(model, part, N, K, ms, device, timer, smoke, copy_gbs, deadline)
 
     from strata.ops.triton_kernels import fp8_gemm as fg
     FP8 = torch.float8_e4m3fn
-    g = torch.Generator(device="cpu").manual_seed(N * 7 + K)
-    w0 = (torch.randn(N, K, generator=g) * 64).clamp(-448, 448).to(FP8).to(device)
-    s_row = (torch.rand(N, generator=g) * 1e-3 + 1e-4).to(device)
-    s_blk = (torch.rand(math.ceil(N / 128), math.ceil(K / 128), generator=g) * 1e-3 + 1e-4).to(device)
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 1 << 20
+    g = torch.Generator(device=device).manual_seed(N * 7 + K)  # on the device: the CPU casts to e4m3 slowly
+    w0 = (torch.randn(N, K, generator=g, device=device) * 64).clamp(-448, 448).to(FP8)
+    s_row = torch.rand(N, generator=g, device=device) * 1e-3 + 1e-4
+    s_blk = torch.rand(math.ceil(N / 128), math.ceil(K / 128), generator=g, device=device) * 1e-3 + 1e-4
+    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)) \
+        if device.type == "cuda" else 1 << 20
     n8 = 1 if smoke else max(3, math.ceil(3 * l2 / (N * K)))  # copies: > 3x L2 of weight bytes per graph
     n16 = 1 if smoke else max(3, math.ceil(3 * l2 / (2 * N * K)))
     wq = [w0] + [w0.clone() for _ in range(n8 - 1)]
@@ -197,7 +198,7 @@ def bench_shape(model, part, N, K, ms, device, timer, smoke, copy_gbs, deadline)
     rows = []
     for M in ms:
         over = time.perf_counter() > deadline
-        x = (torch.randn(M, K, generator=g) * 2).to(torch.bfloat16).to(device)
+        x = (torch.randn(M, K, generator=g, device=device) * 2).to(torch.bfloat16)
         r = {"model": model, "linear": part, "N": N, "K": K, "M": M, "weight_bytes_fp8": bytes8,
              "weight_bytes_bf16": 2 * N * K, "budget_exceeded": over}
         want16 = twin(x, w0, s_row, None, None, True)
@@ -224,7 +225,9 @@ def bench_shape(model, part, N, K, ms, device, timer, smoke, copy_gbs, deadline)
             res = sweep(timer, [cfg], lambda i, c: fg.fp8_w8a16_linear(x, wq[i], s_blk, (128, 128), None, c),
                         wantb16, n8)
             r["block_w8a16"] = res[0]
-        bcands = [None] + ([] if (smoke or over or M < 16) else [t for t in BLOCK_TILES if t[0] <= max(64, M)])
+        bcands = [fg.w8a8_default_config(M, N, K)]
+        bcands = list(dict.fromkeys(bcands + ([] if (smoke or over or M < 16) else
+                                              [t for t in BLOCK_TILES if t[0] <= max(64, M)])))
         res = sweep(timer, bcands, lambda i, c: fg.fp8_w8a8_linear(x, wq[i], s_blk, (128, 128), None, None, 128,
                                                                    config=c), wantb8, n8)
         r["block_w8a8_default"], r["block_w8a8_best"], r["block_w8a8_sweep"] = res[0], best_of(res), res
@@ -237,6 +240,8 @@ def bench_shape(model, part, N, K, ms, device, timer, smoke, copy_gbs, deadline)
             r["triton_bf16_best"] = best_of(res)
         for key, nbytes in (("cublas_bf16_us", 2 * N * K),):
             r["cublas_bf16_GBps"] = nbytes / (r[key] * 1e-6) / 1e9
+        if r.get("triton_bf16_best"):
+            r["triton_bf16_best"]["GBps"] = 2 * N * K / (r["triton_bf16_best"]["us"] * 1e-6) / 1e9
         if r.get("w8a16_best"):
             r["w8a16_best"]["GBps"] = bytes8 / (r["w8a16_best"]["us"] * 1e-6) / 1e9
         if copy_gbs:

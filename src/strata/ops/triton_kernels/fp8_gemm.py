@@ -159,14 +159,14 @@ def _bucket(M: int, table: dict[int, tuple] | None) -> tuple | None:
 def w8a16_default_config(M: int, N: int, K: int, sms: int = 132) -> tuple[int, int, int, int, int, int]:
     """Tiles where `W8A16_CONFIGS` has none (a guess until measured): CUDA-core products for M = 1, tensor-core
     tiles of 16 / 32 / 64 rows above; split-K until about 4 programs per SM."""
-    if M <= 1:
-        bm, bn, bk, warps = 1, 32, 256, 4
+    if M <= 1:  # no MMA: the pipeliner has nothing to stage, so num_stages 1
+        bm, bn, bk, warps, stages = 1, 32, 256, 4, 1
     else:
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
-        bn, bk, warps = 64, 128, 4
+        bn, bk, warps, stages = 64, 128, 4, 3
     tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
     split = max(1, min(4 * sms // tiles, K // (4 * bk), 16))
-    return bm, bn, bk, split, warps, 3
+    return bm, bn, bk, split, warps, stages
 
 
 def w8a16_config(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
